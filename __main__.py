@@ -1,0 +1,3 @@
+from dclsify.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Per-family knowledge of timm backbones (stems, stages, heads): one module per family."""

@@ -1,0 +1,1 @@
+"""Audio front-end, data and training loop."""

@@ -1,0 +1,173 @@
+"""Operator benchmark: our Dcls2d against the reference ``DCLS`` package and a dense 7x7 conv."""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from .conv import chosen_algorithms
+from .dcls import Dcls2d
+
+# The four stage shapes of ConvNeXt-T on a (1, 128, 1001) log-mel input with the 2x16 stem.
+PAPER_SHAPES = ((96, 64, 62), (192, 32, 31), (384, 16, 15), (768, 8, 7))
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of tensor storage alive at once while the mode is active, counting
+    every storage an op creates (forward, backward and saved tensors) until it is freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.current -= self._live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = id(storage)
+                if key not in self._live and storage.nbytes():
+                    self._live[key] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+
+def peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak tensor memory allocated while ``fn`` runs (see :class:`PeakMemory`)."""
+    with PeakMemory() as meter:
+        fn()
+    return meter.peak
+
+
+def time_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Best wall time of ``repeats`` calls, in ms, after one warm-up call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+@dataclass
+class OpResult:
+    channels: int
+    height: int
+    width: int
+    algorithm: str
+    ours_ms: float
+    reference_ms: float | None
+    dense7_ms: float
+    ours_kernel_bytes: int
+    reference_kernel_bytes: int | None
+
+    @property
+    def speedup(self) -> float | None:
+        return None if self.reference_ms is None else self.reference_ms / self.ours_ms
+
+    @property
+    def vs_dense7(self) -> float:
+        return self.ours_ms / self.dense7_ms
+
+    @property
+    def memory_ratio(self) -> float | None:
+        return None if self.reference_kernel_bytes is None else self.ours_kernel_bytes / self.reference_kernel_bytes
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"speedup": self.speedup, "vs_dense7": self.vs_dense7, "memory_ratio": self.memory_ratio}
+
+
+def _reference_layer(layer: Dcls2d):
+    """The same layer in ``DCLS==0.1.1``, or None when it is not installed."""
+    try:
+        from DCLS.construct.modules import Dcls2d as ReferenceDcls2d
+    except ImportError:
+        return None
+    logging.disable(logging.WARNING)  # it warns about its CUDA kernel on every construction
+    try:
+        reference = ReferenceDcls2d(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_count,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilated_kernel_size=layer.dilated_kernel_size,
+            groups=layer.groups,
+            bias=layer.bias is not None,
+            version=layer.version,
+        )
+    finally:
+        logging.disable(logging.NOTSET)
+    reference.load_state_dict(layer.state_dict())
+    return reference.to(layer.weight.device)
+
+
+def _construct_and_backward(construct: Callable[[], torch.Tensor]) -> None:
+    construct().sum().backward()
+
+
+def _forward_backward(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x).sum().backward()
+
+    return step
+
+
+def bench_op(
+    shapes=PAPER_SHAPES,
+    batch: int = 8,
+    kernel: int = 23,
+    count: int = 26,
+    version: str = "gauss",
+    repeats: int = 3,
+    reference: bool = True,
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> list[OpResult]:
+    """Forward+backward time of Dcls2d (ours, the reference, a dense 7x7 depthwise conv)
+    and kernel-construction peak memory, for depthwise layers of the given (C, H, W) shapes."""
+    device = torch.device(device)
+    results = []
+    for channels, height, width in shapes:
+        if progress:
+            progress(f"{channels}ch {height}x{width}")
+        torch.manual_seed(0)
+        ours = Dcls2d(
+            channels, channels, count, padding=kernel // 2, dilated_kernel_size=kernel, groups=channels, version=version
+        ).to(device)
+        x = torch.randn(batch, channels, height, width, device=device, requires_grad=True)
+        dense7 = torch.nn.Conv2d(channels, channels, 7, padding=3, groups=channels).to(device)
+        ours_ms = time_ms(_forward_backward(ours, x), repeats, device)
+        algorithm = next(
+            (name for key, name in chosen_algorithms().items() if key.input_shape == x.shape and key.backward),
+            ours.algorithm,
+        )
+        dense7_ms = time_ms(_forward_backward(dense7, x), repeats, device)
+        ours_bytes = peak_bytes(partial(_construct_and_backward, ours.kernel))
+        ref = _reference_layer(ours) if reference else None
+        ref_ms = ref_bytes = None
+        if ref is not None:
+            ref_ms = time_ms(_forward_backward(ref, x), repeats, device)
+            ref_bytes = peak_bytes(partial(_construct_and_backward, partial(ref.DCK, ref.weight, ref.P, ref.SIG)))
+        results.append(OpResult(channels, height, width, algorithm, ours_ms, ref_ms, dense7_ms, ours_bytes, ref_bytes))
+    return results

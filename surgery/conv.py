@@ -1,0 +1,359 @@
+"""Large-kernel 2-D convolution with a measured choice of algorithm.
+
+A 23x23 depthwise convolution is slow through a dense ``F.conv2d`` on most
+devices, and which alternative wins depends on the shape, the dtype and the
+device (NOTES.md section 4). :func:`large_kernel_conv2d` computes exactly what
+``F.conv2d`` computes, through one of :data:`ALGORITHMS`:
+
+``direct``
+    ``F.conv2d``.
+``channels_last``
+    ``F.conv2d`` on channels-last tensors (a different kernel on CPU and CUDA).
+``fft``
+    Correlation through ``rfft2`` at a fast transform size, in float32.
+``toeplitz``
+    For small maps and one input channel per group: each output channel is a
+    (Ho*Wo x H*W) matrix, gathered from the kernel, times the flattened input.
+
+Every algorithm first crops the kernel to the rows and columns that can overlap
+the input (a 23x23 kernel on an 8x7 map only ever uses 15x13 of its taps), and
+pads the input to match, which is exact and never slower.
+
+``algorithm="auto"`` times the algorithms that apply, once per (shape, dtype,
+device, grad mode), on the real inputs, and caches the fastest; under
+``torch.compile`` it uses the cached choice or, without one, a cost estimate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ALGORITHMS = ("auto", "direct", "channels_last", "fft", "toeplitz")
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+# Largest Toeplitz matrix (elements) worth building: beyond this the gathered
+# matrices cost more memory than any speed they could buy.
+TOEPLITZ_MAX_ELEMENTS = 2**26
+
+
+class ChoiceKey(NamedTuple):
+    """What an ``auto`` choice depends on (the kernel shape is after cropping)."""
+
+    input_shape: torch.Size
+    kernel_shape: torch.Size
+    pad: tuple[int, int, int, int]
+    stride: tuple[int, int]
+    groups: int
+    input_dtype: torch.dtype
+    kernel_dtype: torch.dtype
+    device: str
+    output_dtype: torch.dtype
+    backward: bool
+
+
+_choices: dict[ChoiceKey, str] = {}
+
+
+def chosen_algorithms() -> dict[ChoiceKey, str]:
+    """The algorithm ``auto`` picked for each (shape, dtype, device, grad) key."""
+    return dict(_choices)
+
+
+def clear_chosen_algorithms() -> None:
+    """Forget every measured choice, so that the next call measures again."""
+    _choices.clear()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A valid correlation: pad the input by ``pad``, then slide the cropped kernel."""
+
+    rows: slice  # kernel rows that can touch the input
+    cols: slice
+    pad: tuple[int, int, int, int]  # F.pad order: left, right, top, bottom
+    out_size: tuple[int, int]
+
+
+def _crop(size: int, k: int, stride: int, pad: int) -> tuple[slice, int, int, int]:
+    """Kernel taps along one axis that overlap the input, and the padding that keeps the output size."""
+    out = (size + 2 * pad - k) // stride + 1
+    first = max(0, pad - (out - 1) * stride)
+    last = min(k - 1, pad + size - 1)
+    if first > last:  # the kernel never meets the input: keep it whole
+        first, last = 0, k - 1
+    before = pad - first
+    after = (out - 1) * stride + (last - first + 1) - size - before
+    return slice(first, last + 1), before, after, out
+
+
+def _plan(in_size, kernel_size, stride, padding) -> _Plan:
+    rows, top, bottom, out_h = _crop(in_size[0], kernel_size[0], stride[0], padding[0])
+    cols, left, right, out_w = _crop(in_size[1], kernel_size[1], stride[1], padding[1])
+    return _Plan(rows, cols, (left, right, top, bottom), (out_h, out_w))
+
+
+def _fast_len(n: int) -> int:
+    """Smallest m >= n whose prime factors are all 2, 3, 5 or 7 (fast FFT sizes)."""
+    while True:
+        m = n
+        for p in (2, 3, 5, 7):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+# --- the algorithms: each takes the input, the cropped kernel and the plan ---
+
+
+def _direct(x: Tensor, w: Tensor, plan: _Plan, stride, groups: int) -> Tensor:
+    return F.conv2d(F.pad(x, plan.pad), w, None, stride, 0, 1, groups)
+
+
+def _channels_last(x: Tensor, w: Tensor, plan: _Plan, stride, groups: int) -> Tensor:
+    x = F.pad(x, plan.pad).contiguous(memory_format=torch.channels_last)
+    w = w.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(x, w, None, stride, 0, 1, groups)
+
+
+def _product(x: Tensor, w: Tensor, groups: int) -> Tensor:
+    """Y[b, o] = sum_i X[b, group(o), i] * W[o, i], over frequencies: (B, Cout, *F)."""
+    batch, cout, cin_per_group = x.shape[0], w.shape[0], w.shape[1]
+    if cin_per_group == 1:  # depthwise, possibly with a channel multiplier
+        return (x.unsqueeze(2) * w.view(x.shape[1], cout // x.shape[1], *w.shape[2:])).flatten(1, 2)
+    freq = x.shape[2:]
+    x = x.reshape(batch, groups, cin_per_group, -1)
+    w = w.reshape(groups, cout // groups, cin_per_group, -1)
+    return torch.einsum("bgif,goif->bgof", x, w).reshape(batch, cout, *freq)
+
+
+def _product_grad_input(grad: Tensor, w: Tensor, groups: int) -> Tensor:
+    """Adjoint of :func:`_product` in its input: X[b, c] = sum_{o in group(c)} G[b, o] * W[o, i(c)]."""
+    batch, cout, cin_per_group = grad.shape[0], w.shape[0], w.shape[1]
+    freq = grad.shape[2:]
+    if cin_per_group == 1:
+        return (grad * w[:, 0]).view(batch, groups, cout // groups, *freq).sum(2)
+    grad = grad.reshape(batch, groups, cout // groups, -1)
+    w = w.reshape(groups, cout // groups, cin_per_group, -1)
+    return torch.einsum("bgof,goif->bgif", grad, w).reshape(batch, groups * cin_per_group, *freq)
+
+
+def _product_grad_weight(grad: Tensor, x: Tensor, groups: int, cin_per_group: int) -> Tensor:
+    """Adjoint of :func:`_product` in its weight: W[o, i] = sum_b G[b, o] * X[b, group(o), i]."""
+    batch, cout = grad.shape[:2]
+    freq = grad.shape[2:]
+    if cin_per_group == 1:
+        x = x.repeat_interleave(cout // x.shape[1], dim=1) if cout != x.shape[1] else x
+        return (grad * x).sum(0).unsqueeze(1)
+    grad = grad.reshape(batch, groups, cout // groups, -1)
+    x = x.reshape(batch, groups, cin_per_group, -1)
+    return torch.einsum("bgof,bgif->goif", grad, x).reshape(cout, cin_per_group, *freq)
+
+
+class _FFTCorrelation(torch.autograd.Function):
+    """Valid cross-correlation of a padded input through rfft2, with a backward made of
+    rfft2/irfft2 only (autograd's would run full complex transforms, at twice the cost).
+
+    Correlation theorem: corr(x, w) = irfft(X * conj(W)); with both zero-padded to a
+    size at least the input's, the valid outputs never wrap around, nor do the
+    gradients (a convolution with w for the input, a correlation with x for w).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, stride: tuple[int, int], groups: int) -> Tensor:
+        height, width = x.shape[-2:]
+        size = (_fast_len(height), _fast_len(width))
+        xf = torch.fft.rfft2(x, s=size)
+        wf = torch.fft.rfft2(w, s=size)
+        y = torch.fft.irfft2(_product(xf, wf.conj(), groups), s=size)
+        valid = (
+            slice(None),
+            slice(None),
+            slice(0, height - w.shape[-2] + 1, stride[0]),
+            slice(0, width - w.shape[-1] + 1, stride[1]),
+        )
+        ctx.save_for_backward(xf, wf)
+        ctx.valid, ctx.size, ctx.groups = valid, size, groups
+        ctx.input_size, ctx.kernel_shape = (height, width), w.shape
+        return y[valid]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        xf, wf = ctx.saved_tensors
+        full = grad.new_zeros(*grad.shape[:2], *ctx.size)
+        full[ctx.valid] = grad
+        gf = torch.fft.rfft2(full)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            height, width = ctx.input_size
+            grad_x = torch.fft.irfft2(_product_grad_input(gf, wf, ctx.groups), s=ctx.size)[..., :height, :width]
+        if ctx.needs_input_grad[1]:
+            cout, cin_per_group, kh, kw = ctx.kernel_shape
+            product = _product_grad_weight(gf.conj(), xf, ctx.groups, cin_per_group)
+            grad_w = torch.fft.irfft2(product, s=ctx.size)[..., :kh, :kw]
+        return grad_x, grad_w, None, None
+
+
+def _fft(x: Tensor, w: Tensor, plan: _Plan, stride, groups: int) -> Tensor:
+    out_dtype = _output_dtype(x, w)
+    real = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
+    with torch.autocast(x.device.type, enabled=False):
+        y = _FFTCorrelation.apply(F.pad(x.to(real), plan.pad), w.to(real), tuple(stride), groups)
+    return y.to(out_dtype)
+
+
+def _toeplitz_index(plan: _Plan, in_size, kernel_size, stride, device) -> Tensor:
+    """For each (output, input) pixel pair, the flat kernel tap linking them, or the zero slot."""
+    (out_h, out_w), (kh, kw) = plan.out_size, kernel_size
+    left, top = plan.pad[0], plan.pad[2]
+    oy = torch.arange(out_h, device=device) * stride[0] - top
+    ox = torch.arange(out_w, device=device) * stride[1] - left
+    dy = torch.arange(in_size[0], device=device)[None, :] - oy[:, None]  # (Ho, H)
+    dx = torch.arange(in_size[1], device=device)[None, :] - ox[:, None]  # (Wo, W)
+    inside = ((dy >= 0) & (dy < kh))[:, None, :, None] & ((dx >= 0) & (dx < kw))[None, :, None, :]
+    flat = dy[:, None, :, None] * kw + dx[None, :, None, :]
+    return torch.where(inside, flat, kh * kw).reshape(out_h * out_w, -1)
+
+
+def _toeplitz(x: Tensor, w: Tensor, plan: _Plan, stride, groups: int) -> Tensor:
+    batch, cin, height, width = x.shape
+    cout, kh, kw = w.shape[0], w.shape[-2], w.shape[-1]
+    index = _toeplitz_index(plan, (height, width), (kh, kw), stride, x.device)
+    taps = torch.cat([w.reshape(cout, kh * kw), w.new_zeros(cout, 1)], dim=1)
+    # gather, not indexing: its backward is a scatter-add, many times faster than index_put
+    matrices = taps.gather(1, index.view(1, -1).expand(cout, -1)).view(cout, *index.shape)  # (Cout, Ho*Wo, H*W)
+    x = x.reshape(batch, cin, height * width)
+    if cout != cin:
+        x = x.repeat_interleave(cout // cin, dim=1)
+    y = torch.bmm(matrices, x.permute(1, 2, 0))  # (Cout, Ho*Wo, B)
+    return y.permute(2, 0, 1).reshape(batch, cout, *plan.out_size)
+
+
+_KERNELS = {"direct": _direct, "channels_last": _channels_last, "fft": _fft, "toeplitz": _toeplitz}
+
+
+def _output_dtype(x: Tensor, w: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.promote_types(x.dtype, w.dtype)
+
+
+def _applicable(x: Tensor, w: Tensor, plan: _Plan) -> list[str]:
+    names = ["direct", "channels_last", "fft"]
+    cout, cin_per_group = w.shape[:2]
+    out_pixels = plan.out_size[0] * plan.out_size[1]
+    if cin_per_group == 1 and cout * out_pixels * x.shape[-2] * x.shape[-1] <= TOEPLITZ_MAX_ELEMENTS:
+        names.append("toeplitz")
+    return names
+
+
+def _estimated_cost(name: str, x: Tensor, w: Tensor, plan: _Plan) -> float:
+    """Rough relative cost, used to order and prune measurements and under torch.compile."""
+    batch, cin, height, width = x.shape
+    cout, cin_per_group, kh, kw = w.shape
+    out_pixels = plan.out_size[0] * plan.out_size[1]
+    if name in ("direct", "channels_last"):
+        return batch * cout * cin_per_group * out_pixels * kh * kw
+    if name == "fft":
+        left, right, top, bottom = plan.pad
+        n = _fast_len(height + top + bottom) * _fast_len(width + left + right)
+        transforms = (2 * batch * (cin + cout) + cout * cin_per_group) * n * math.log2(n)
+        return 4 * transforms + 8 * batch * cout * cin_per_group * n
+    return 2 * cout * out_pixels * height * width * (batch + 1)  # toeplitz
+
+
+def _measure(name: str, x: Tensor, w: Tensor, plan: _Plan, stride, groups: int, backward: bool) -> float:
+    x = x.detach().requires_grad_(backward)
+    w = w.detach().requires_grad_(backward)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    y = _KERNELS[name](x, w, plan, stride, groups)
+    if backward:
+        y.backward(torch.ones_like(y))
+    sync()
+    return time.perf_counter() - start
+
+
+def _choose(x: Tensor, w: Tensor, plan: _Plan, stride, groups: int) -> str:
+    backward = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    key = ChoiceKey(
+        x.shape,
+        w.shape,
+        plan.pad,
+        tuple(stride),
+        groups,
+        x.dtype,
+        w.dtype,
+        str(x.device),
+        _output_dtype(x, w),
+        backward,
+    )
+    choice = _choices.get(key)
+    if choice is not None:
+        return choice
+    candidates = sorted(_applicable(x, w, plan), key=lambda n: _estimated_cost(n, x, w, plan))
+    if torch.compiler.is_compiling():
+        return candidates[0]
+    cheapest = _estimated_cost(candidates[0], x, w, plan)
+    best, best_time = candidates[0], math.inf
+    for name in candidates:
+        if _estimated_cost(name, x, w, plan) > 30 * cheapest:
+            continue
+        first = _measure(name, x, w, plan, stride, groups, backward)  # includes warm-up costs
+        if first > 3 * best_time:
+            continue
+        seconds = min(first, _measure(name, x, w, plan, stride, groups, backward))
+        if seconds < best_time:
+            best, best_time = name, seconds
+    _choices[key] = best
+    return best
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def large_kernel_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride=1,
+    padding=0,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    algorithm: str = "auto",
+) -> Tensor:
+    """``F.conv2d(input, weight, bias, stride, padding, groups=groups)``, computed fast.
+
+    ``padding_mode`` is as in ``nn.Conv2d``; ``algorithm`` is one of
+    :data:`ALGORITHMS`. Dilation is not supported (DCLS has none).
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    stride, padding = _pair(stride), _pair(padding)
+    if padding_mode != "zeros":
+        pad = (padding[1], padding[1], padding[0], padding[0])
+        input, padding = F.pad(input, pad, mode=padding_mode), (0, 0)
+    plan = _plan(input.shape[-2:], weight.shape[-2:], stride, padding)
+    weight = weight[..., plan.rows, plan.cols]
+    if algorithm == "auto":
+        algorithm = _choose(input, weight, plan, stride, groups)
+    elif algorithm not in _applicable(input, weight, plan):
+        raise ValueError(
+            f"algorithm {algorithm!r} does not apply here: it needs one input channel per "
+            f"group and at most {TOEPLITZ_MAX_ELEMENTS} matrix elements"
+        )
+    out = _KERNELS[algorithm](input, weight, plan, stride, groups)
+    if bias is not None:
+        out = out + bias.to(out.dtype).view(1, -1, 1, 1)
+    return out
