@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from dclsify.surgery import conv
 from dclsify.surgery.conv import ALGORITHMS, large_kernel_conv2d
 

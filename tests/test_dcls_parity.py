@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+
 from dclsify import Dcls2d
 
 reference = pytest.importorskip("DCLS.construct.modules", reason="DCLS==0.1.1 (the oracle) is not installed")

@@ -1,0 +1,216 @@
+"""Dcls2d as a module: its kernel, arguments, baking, devices, dtypes, tracing and compiling."""
+
+import copy
+import io
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dclsify import Dcls2d, LargeKernelConv2d, dcls_kernel
+from dclsify.surgery.bench import peak_bytes
+
+
+def _layer(channels=8, kernel=7, count=5, **kwargs):
+    torch.manual_seed(0)
+    kwargs = {"padding": kernel // 2, "groups": channels, **kwargs}
+    return Dcls2d(channels, channels, count, dilated_kernel_size=kernel, **kwargs)
+
+
+def _dense_gaussian_kernel(weight, P, SIG, kh, kw):
+    """DCLS-Gauss written out in full, one (C x count x kh x kw) tensor: the definition."""
+    rows = torch.arange(kh, dtype=torch.float64).view(kh, 1)
+    cols = torch.arange(kw, dtype=torch.float64).view(1, kw)
+    y = (rows - (P[1] + kh // 2)[..., None, None]) / (SIG[1].abs() + 0.27)[..., None, None]
+    x = (cols - (P[0] + kw // 2)[..., None, None]) / (SIG[0].abs() + 0.27)[..., None, None]
+    element = torch.exp(-0.5 * (x**2 + y**2))
+    element = element / (element.sum((-2, -1), keepdim=True) + 1e-7)
+    return (weight[..., None, None] * element).sum(2)
+
+
+def test_kernel_is_the_sum_of_normalised_gaussians():
+    torch.manual_seed(0)
+    weight = torch.randn(6, 2, 9, dtype=torch.float64)
+    P = torch.empty(2, 6, 2, 9, dtype=torch.float64).uniform_(-4, 4)
+    SIG = torch.empty(2, 6, 2, 9, dtype=torch.float64).uniform_(-1, 1)
+    got = dcls_kernel(weight, P, SIG, (9, 11))
+    torch.testing.assert_close(got, _dense_gaussian_kernel(weight, P, SIG, 9, 11), rtol=1e-12, atol=1e-12)
+
+
+def test_position_axes_follow_the_reference_convention():
+    # P[0] moves an element along the width (last) axis, P[1] along the height.
+    weight = torch.ones(1, 1, 1)
+    P = torch.tensor([2.0, -1.0]).view(2, 1, 1, 1)
+    SIG = torch.zeros(2, 1, 1, 1)
+    for version_sig in (SIG, None):
+        kernel = dcls_kernel(weight, P, version_sig, (7, 9))[0, 0]
+        assert divmod(kernel.argmax().item(), 9) == (7 // 2 - 1, 9 // 2 + 2)
+        assert kernel.sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_bilinear_kernel_splits_an_element_over_its_four_neighbours():
+    P = torch.tensor([0.25, -0.5]).view(2, 1, 1, 1)
+    kernel = dcls_kernel(torch.full((1, 1, 1), 2.0), P, None, (5, 5))[0, 0]
+    expected = torch.zeros(5, 5)
+    expected[1:3, 2:4] = 2.0 * torch.tensor([[0.5 * 0.75, 0.5 * 0.25], [0.5 * 0.75, 0.5 * 0.25]])
+    torch.testing.assert_close(kernel, expected)
+
+
+def test_kernel_construction_never_builds_a_count_by_kernel_squared_tensor():
+    layer = _layer(channels=96, kernel=23, count=26)
+    one_dense_tensor = 96 * 26 * 23 * 23 * 4  # bytes of a float32 (C, count, k, k) tensor
+    peak = peak_bytes(lambda: layer.kernel().sum().backward())
+    assert 0 < peak < one_dense_tensor / 2
+
+
+def test_kernel_construction_uses_a_tenth_of_the_reference_memory():
+    reference = pytest.importorskip("DCLS.construct.modules", reason="DCLS==0.1.1 (the oracle) is not installed")
+    layer = _layer(channels=96, kernel=23, count=26)
+    ref = reference.Dcls2d(96, 96, 26, padding=11, dilated_kernel_size=23, groups=96)
+    ours = peak_bytes(lambda: layer.kernel().sum().backward())
+    theirs = peak_bytes(lambda: ref.DCK(ref.weight, ref.P, ref.SIG).sum().backward())
+    assert ours <= theirs / 10
+
+
+def test_gradients_reach_positions_and_sigmas():
+    layer = _layer()
+    layer(torch.randn(2, 8, 9, 9)).square().sum().backward()
+    for name in ("weight", "P", "SIG", "bias"):
+        grad = getattr(layer, name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_initialisation_and_clamping():
+    torch.manual_seed(0)
+    layer = Dcls2d(64, 64, 26, dilated_kernel_size=(5, 9), groups=64)
+    assert layer.weight.shape == (64, 1, 26) and layer.P.shape == layer.SIG.shape == (2, 64, 1, 26)
+    assert torch.all(layer.SIG == 0.23)
+    assert layer.P[0].abs().max() <= 4 and layer.P[1].abs().max() <= 2
+    assert layer.P.std().item() == pytest.approx(0.5, rel=0.1)
+    bound = 1 / math.sqrt(26)  # kaiming-uniform(a=sqrt(5)) over 26 taps
+    assert layer.weight.abs().max() <= bound and layer.bias.abs().max() <= bound
+    with torch.no_grad():
+        layer.P.fill_(10.0)
+    layer.clamp_parameters()
+    assert torch.all(layer.P[0] == 4) and torch.all(layer.P[1] == 2)
+    assert Dcls2d(4, 4, 3, dilated_kernel_size=5, groups=4, version="v1").SIG is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"kernel_count": 0}, r"kernel_count must be an int from 1 to 49 .*got 0"),
+        ({"kernel_count": 50}, r"kernel_count must be an int from 1 to 49 .*got 50"),
+        ({"dilated_kernel_size": 0}, r"dilated_kernel_size must be a positive int or pair, got 0"),
+        ({"in_channels": 6}, r"in_channels must be a positive multiple of groups=4, got 6"),
+        ({"out_channels": 5}, r"out_channels must be a positive multiple of groups=4, got 5"),
+        ({"version": "max"}, r"version must be one of \('gauss', 'v1'\), got 'max'"),
+        ({"algorithm": "winograd"}, r"algorithm must be one of \('auto', .*\), got 'winograd'"),
+        ({"padding_mode": "mirror"}, r"padding_mode must be one of .*got 'mirror'"),
+        ({"stride": 0}, r"stride must be a positive int or pair, got 0"),
+        ({"padding": -1}, r"padding must be a non-negative int or pair"),
+    ],
+)
+def test_invalid_arguments_are_one_clear_value_error(kwargs, message):
+    arguments = {"in_channels": 4, "out_channels": 4, "kernel_count": 5, "dilated_kernel_size": 7, "groups": 4}
+    with pytest.raises(ValueError, match=message):
+        Dcls2d(**{**arguments, **kwargs})
+
+
+@pytest.mark.parametrize("version", ["gauss", "v1"])
+def test_bake_gives_a_conv2d_with_identical_outputs(version):
+    layer = _layer(stride=2, version=version).eval()
+    x = torch.randn(2, 8, 13, 12)
+    baked = layer.bake()
+    assert isinstance(baked, torch.nn.Conv2d) and isinstance(baked, LargeKernelConv2d)
+    assert not baked.training and baked.weight.shape == (8, 1, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(baked(x), layer(x), rtol=0, atol=1e-6)
+        plain = torch.nn.Conv2d(8, 8, 7, stride=2, padding=3, groups=8)
+        plain.load_state_dict(baked.state_dict())
+        torch.testing.assert_close(plain(x), layer(x), rtol=0, atol=1e-6)
+
+
+def test_pickle_and_deepcopy_round_trip():
+    layer = _layer()
+    x = torch.randn(1, 8, 9, 9)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer), torch.load(buffer, weights_only=False)):
+        torch.testing.assert_close(clone(x), layer(x))
+        assert clone.P is not layer.P
+
+
+def test_moving_dtype_and_device_recomputes_everything():
+    layer = _layer()
+    x = torch.randn(2, 8, 9, 9)
+    y32 = layer(x)
+    layer64 = copy.deepcopy(layer).double()
+    y64 = layer64(x.double())
+    assert y64.dtype == torch.float64
+    expected = F.conv2d(x.double(), layer64.kernel(), layer64.bias, 1, 3, 1, 8)
+    torch.testing.assert_close(y64, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y32, y64.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("algorithm", ["auto", "direct", "channels_last", "fft", "toeplitz"])
+def test_cuda_matches_cpu(algorithm):
+    layer = _layer(channels=32, kernel=23, count=26, algorithm=algorithm)
+    x = torch.randn(2, 32, 16, 15, requires_grad=True)
+    layer(x).square().sum().backward()
+    expected = [x.grad, layer.P.grad, layer.SIG.grad]
+    cuda_layer, cuda_x = copy.deepcopy(layer).cuda(), x.detach().cuda().requires_grad_()
+    cuda_layer.zero_grad()
+    cuda_layer(cuda_x).square().sum().backward()
+    for got, want in zip([cuda_x.grad, cuda_layer.P.grad, cuda_layer.SIG.grad], expected, strict=True):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+    for dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cuda", dtype=dtype):
+            assert cuda_layer(cuda_x).dtype == dtype
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("algorithm", ["direct", "channels_last", "fft", "toeplitz"])
+def test_autocast(algorithm, dtype, tolerance):
+    layer = _layer(channels=16, kernel=23, count=26, algorithm=algorithm)
+    x = torch.randn(2, 16, 10, 9)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=dtype):
+        y = layer(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), expected, rtol=0, atol=tolerance * expected.abs().max().item())
+    y.float().sum().backward()
+    assert layer.P.grad.dtype == torch.float32 and layer.P.grad.abs().sum() > 0
+
+
+def test_symbolic_trace_keeps_the_operator_whole():
+    model = torch.nn.Sequential(_layer(), torch.nn.GELU())
+    traced = torch.fx.symbolic_trace(model)
+    called = [node.target.__name__ for node in traced.graph.nodes if node.op == "call_function"]
+    assert called == ["dcls_kernel", "large_kernel_conv2d"]
+    x = torch.randn(2, 8, 9, 9)
+    torch.testing.assert_close(traced(x), model(x))
+
+    class LeafTracer(torch.fx.Tracer):
+        def is_leaf_module(self, module, name):
+            return isinstance(module, Dcls2d) or super().is_leaf_module(module, name)
+
+    graph = LeafTracer().trace(model)
+    assert [n.target for n in graph.nodes if n.op == "call_module"] == ["0", "1"]
+
+
+def test_torch_compile_gives_the_same_outputs_and_gradients():
+    model = torch.nn.Sequential(_layer(), torch.nn.GELU())
+    compiled = torch.compile(model)
+    x = torch.randn(2, 8, 10, 9, requires_grad=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    compiled_grad = model[0].P.grad.clone()
+    model.zero_grad()
+    model(x).sum().backward()
+    torch.testing.assert_close(compiled_grad, model[0].P.grad, rtol=1e-4, atol=1e-5)
