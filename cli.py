@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import typer
@@ -138,5 +139,178 @@ def bench(
         console.print(f"wrote {json_path}")
 
 
+def _rewrite_options(
+    kernel: int, count: int, version: str, match: str, sync: str, stem: str, in_chans: int, num_classes, dcls: bool
+) -> dict:
+    """CLI spellings to :func:`dclsify.rewrite` arguments."""
+    if match.isdigit():
+        match_arg = int(match)
+    elif all(part.strip().isdigit() for part in match.split(",")):
+        match_arg = [int(part) for part in match.split(",")]
+    else:
+        match_arg = match  # ">=N"; rewrite() says what else it accepts
+    return dict(
+        kernel=kernel,
+        count=count,
+        version=version,
+        match=match_arg,
+        sync=sync,
+        stem=None if stem.lower() == "none" else stem,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        dcls=dcls,
+    )
+
+
+KERNEL = typer.Option(23, help="Dcls2d window size.")
+COUNT = typer.Option(26, help="Kernel elements per channel.")
+VERSION = typer.Option("gauss", help="gauss or v1.")
+MATCH = typer.Option("7", help="Depthwise kernel sizes to replace: 7, '5,7' or '>=5'.")
+SYNC = typer.Option("stage", help="Share P/SIG per stage, per channel count (model) or not at all (none).")
+STEM = typer.Option("audio", help="audio (2x16 stride 2x16), KHxKW[/SHxSW], or none to keep the original.")
+IN_CHANS = typer.Option(1, help="Input channels of the new stem.")
+NUM_CLASSES = typer.Option(527, help="Classifier outputs (527 = AudioSet).")
+DCLS = typer.Option(True, "--dcls/--no-dcls", help="--no-dcls: only the stem and head (the DSC baseline).")
+
+
+def _or_fail(function, *args, **kwargs):
+    """Call a dclsify function; a user error it raises ends the command with its message."""
+    from dclsify.surgery.checkpoint import CheckpointError
+    from dclsify.surgery.rewrite import SurgeryError
+
+    try:
+        return function(*args, **kwargs)
+    except (SurgeryError, CheckpointError) as error:
+        fail(str(error))
+
+
+@app.command("convert")
+def convert_command(
+    model: str = typer.Argument(..., help="timm:NAME, e.g. timm:convnext_tiny."),
+    kernel: int = KERNEL,
+    count: int = COUNT,
+    version: str = VERSION,
+    match: str = MATCH,
+    sync: str = SYNC,
+    stem: str = STEM,
+    in_chans: int = IN_CHANS,
+    num_classes: int = NUM_CLASSES,
+    dcls: bool = DCLS,
+    output: Path | None = typer.Option(None, "-o", "--output", help="Checkpoint (default: NAME_dcls.safetensors)."),
+) -> None:
+    """Rewrite a timm model into an audio tagger and save it as a self-describing checkpoint."""
+    import torch
+
+    from dclsify.surgery.checkpoint import convert, save
+    from dclsify.surgery.diff import count_parameters
+
+    options = _rewrite_options(kernel, count, version, match, sync, stem, in_chans, num_classes, dcls)
+    with console.status(f"converting {model}"):
+        rewritten = _or_fail(convert, model, **options).eval()
+        with torch.no_grad():
+            output_shape = tuple(rewritten(torch.zeros(1, in_chans, 128, 1001)).shape)
+    report = rewritten.dclsify
+    table = Table(title=f"{model}: {len(report.replaced)} depthwise convs replaced by Dcls2d {kernel}x{kernel}/{count}")
+    for heading in ("P/SIG group", "channels", "map (HxW)", "kernel", "layers"):
+        table.add_column(heading, justify="right")
+    groups: dict[int, list] = {}
+    for replacement in report.replaced:
+        groups.setdefault(replacement.group, []).append(replacement)
+    for group, members in groups.items():
+        first = members[0]
+        size = "?" if first.input_shape is None else f"{first.input_shape[-2]}x{first.input_shape[-1]}"
+        kernel_size = f"{first.kernel_size[0]}x{first.kernel_size[1]}"
+        table.add_row(str(group), str(first.channels), size, kernel_size, str(len(members)))
+    if groups:
+        console.print(table)
+    console.print(f"stem: {report.stem or 'kept'}; classifier: {num_classes} classes")
+    console.print(f"parameters: {report.parameters_before:,} before, {count_parameters(rewritten):,} after")
+    console.print(f"output on (1, {in_chans}, 128, 1001): {output_shape}")
+    name = model.removeprefix("timm:")
+    path = output or Path(f"{name}_{'dcls' if dcls else 'dsc'}.safetensors")
+    save(rewritten, path)
+    console.print(f"wrote {path}")
+
+
+@app.command("diff")
+def diff_command(
+    model: str = typer.Argument(..., help="timm:NAME, e.g. timm:convnext_tiny."),
+    kernel: int = KERNEL,
+    count: int = COUNT,
+    version: str = VERSION,
+    match: str = MATCH,
+    sync: str = SYNC,
+    stem: str = STEM,
+    in_chans: int = IN_CHANS,
+    num_classes: int = NUM_CLASSES,
+    dcls: bool = DCLS,
+    format: str = typer.Option("table", "--format", help="table, unified (diff of the FX graph code) or json."),
+) -> None:
+    """Show what a rewrite changes in the model's FX graph."""
+    from dclsify.surgery.checkpoint import create_source
+    from dclsify.surgery.diff import graph_diff
+    from dclsify.surgery.rewrite import rewrite
+
+    if format not in ("table", "unified", "json"):
+        raise typer.BadParameter("must be table, unified or json", param_hint="--format")
+    options = _rewrite_options(kernel, count, version, match, sync, stem, in_chans, num_classes, dcls)
+    with console.status(f"tracing {model}"):
+        original = _or_fail(create_source, model)
+        result = graph_diff(original, _or_fail(rewrite, original, **options))
+    if format == "json":
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    if format == "unified":
+        typer.echo(result.unified(), nl=False)
+        return
+    table = Table(title=f"{model}: {len(result.changes)} modules changed")
+    for heading in ("node", "change", "before", "after", "kernel", "output", "params", "group"):
+        table.add_column(heading, justify="left" if heading in ("node", "before", "after") else "right")
+    styles = {"replaced": "yellow", "added": "green", "removed": "red"}
+    for c in result.changes:
+        kernel_change = " -> ".join(k for k in (c.kernel_before, c.kernel_after) if k) or ""
+        table.add_row(
+            c.target,
+            f"[{styles[c.change]}]{c.change}[/]",
+            c.before or "",
+            c.after or "",
+            kernel_change,
+            "" if c.output_shape is None else "x".join(map(str, c.output_shape[1:])),
+            f"{c.params_before:,} -> {c.params_after:,}",
+            "" if c.stage_group is None else str(c.stage_group),
+        )
+    console.print(table)
+    console.print(
+        f"parameters: {result.parameters_before:,} -> {result.parameters_after:,}; output {result.output_shape}"
+    )
+
+
+@app.command("models")
+def models_command() -> None:
+    """List the model families known to work, and what a default rewrite replaces in each."""
+    from dclsify.backbones import FAMILIES
+    from dclsify.surgery.checkpoint import create_source
+    from dclsify.surgery.rewrite import depthwise_convs
+
+    table = Table(title="Families known to work (timm)")
+    for heading in ("family", "models", "depthwise convs in the first (replaced: 7x7)", "stem"):
+        table.add_column(heading)
+    with console.status("inspecting") as status:
+        for family in FAMILIES.values():
+            status.update(f"inspecting {family.examples[0]}")
+            sizes: dict[str, int] = {}
+            for conv in depthwise_convs(create_source(family.examples[0])).values():
+                key = "x".join(map(str, conv.kernel_size))
+                sizes[key] = sizes.get(key, 0) + 1
+            found = ", ".join(f"{n} x {k}" for k, n in sorted(sizes.items()))
+            table.add_row(family.name, ", ".join(family.examples), found, family.stem_note)
+    console.print(table)
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    console.print(f"[yellow]warning:[/] {message}")
+
+
 def main() -> None:
+    warnings.showwarning = _print_warning  # one line each, not Python's file:line form
     app()

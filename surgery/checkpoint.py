@@ -1,0 +1,115 @@
+"""Self-describing safetensors checkpoints: the weights plus what it takes to rebuild the model."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .rewrite import RewriteConfig, SurgeryError, rewrite
+
+FORMAT = "dclsify"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or rebuilt."""
+
+
+def create_source(source: str, **model_kwargs) -> nn.Module:
+    """The model a source names: ``timm:NAME`` (or a bare timm name), without pretrained weights."""
+    import timm
+
+    name = source.removeprefix("timm:")
+    if ":" in name:
+        raise SurgeryError(f"unknown model source {source!r}: use timm:NAME (for example timm:convnext_tiny)")
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `timm.list_models('*pattern*')` lists them"
+        raise SurgeryError(f"unknown timm model {name!r}{hint}")
+    return timm.create_model(name, pretrained=False, **model_kwargs)
+
+
+def convert(source: str, model_kwargs: dict | None = None, **rewrite_args) -> nn.Module:
+    """``rewrite(create_source(source))``, remembering the source so that :func:`save` can describe it."""
+    model = rewrite(create_source(source, **(model_kwargs or {})), **rewrite_args)
+    model.dclsify.source = source if source.startswith("timm:") else f"timm:{source}"
+    model.dclsify.model_kwargs = dict(model_kwargs or {})
+    return model
+
+
+def save(model: nn.Module, path: str | os.PathLike, class_names: list[str] | None = None) -> Path:
+    """Write ``model`` (made by :func:`convert`) to a ``.safetensors`` file that :func:`load` can rebuild.
+
+    Parameters shared between layers (synchronised ``P``/``SIG``) are stored once. The
+    write goes through a temporary file: an interrupted save never leaves a partial
+    file under ``path``.
+    """
+    import timm
+
+    from dclsify import __version__
+
+    report = getattr(model, "dclsify", None)
+    if report is None or getattr(report, "source", None) is None:
+        raise CheckpointError("save() needs a model made by dclsify.convert(), which knows its source")
+    metadata = {
+        "format": FORMAT,
+        "dclsify_version": __version__,
+        "timm_version": timm.__version__,
+        "torch_version": torch.__version__,
+        "source": report.source,
+        "model_kwargs": json.dumps(report.model_kwargs),
+        "rewrite": json.dumps(report.config.as_dict()),
+        "class_names": json.dumps(class_names),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_model(model, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The decoded metadata of a dclsify checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no such checkpoint: {path}")
+    try:
+        with safe_open(path, framework="pt") as reader:
+            raw = reader.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from None
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not a dclsify checkpoint (no rebuild metadata)")
+    decoded = dict(raw)
+    for key in ("model_kwargs", "rewrite", "class_names"):
+        decoded[key] = json.loads(raw[key])
+    return decoded
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights (strictly)."""
+    metadata = read_metadata(path)
+    config = RewriteConfig(**metadata["rewrite"])
+    arguments = config.as_dict()
+    if arguments["match"] == "predicate":
+        raise CheckpointError(f"{path} was rewritten with a Python predicate for match, which cannot be rebuilt")
+    model = convert(metadata["source"], metadata["model_kwargs"], **arguments)
+    try:
+        load_model(model, path, strict=True, device=str(device))
+    except (SafetensorError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: weights do not fit the rebuilt model ({error})") from None
+    model.class_names = metadata["class_names"]
+    return model.to(device)
