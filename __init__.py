@@ -1,7 +1,23 @@
 """dclsify: turn vision backbones into audio taggers with learnable-spacing convolutions."""
 
+from .surgery.checkpoint import CheckpointError, convert, load, save
 from .surgery.conv import large_kernel_conv2d
 from .surgery.dcls import Dcls2d, LargeKernelConv2d, dcls_kernel
+from .surgery.diff import graph_diff
+from .surgery.rewrite import SurgeryError, rewrite
 
 __version__ = "0.1.0"
-__all__ = ["Dcls2d", "LargeKernelConv2d", "dcls_kernel", "large_kernel_conv2d", "__version__"]
+__all__ = [
+    "CheckpointError",
+    "Dcls2d",
+    "LargeKernelConv2d",
+    "SurgeryError",
+    "__version__",
+    "convert",
+    "dcls_kernel",
+    "graph_diff",
+    "large_kernel_conv2d",
+    "load",
+    "rewrite",
+    "save",
+]

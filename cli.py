@@ -210,7 +210,7 @@ def convert_command(
         with torch.no_grad():
             output_shape = tuple(rewritten(torch.zeros(1, in_chans, 128, 1001)).shape)
     report = rewritten.dclsify
-    table = Table(title=f"{model}: {len(report.replaced)} depthwise convs replaced by Dcls2d {kernel}x{kernel}/{count}")
+    table = Table()
     for heading in ("P/SIG group", "channels", "map (HxW)", "kernel", "layers"):
         table.add_column(heading, justify="right")
     groups: dict[int, list] = {}
@@ -222,6 +222,7 @@ def convert_command(
         kernel_size = f"{first.kernel_size[0]}x{first.kernel_size[1]}"
         table.add_row(str(group), str(first.channels), size, kernel_size, str(len(members)))
     if groups:
+        console.print(f"{model}: {len(report.replaced)} depthwise convs replaced by Dcls2d {kernel}x{kernel}/{count}")
         console.print(table)
     console.print(f"stem: {report.stem or 'kept'}; classifier: {num_classes} classes")
     console.print(f"parameters: {report.parameters_before:,} before, {count_parameters(rewritten):,} after")

@@ -22,7 +22,9 @@ class ChannelsLastStem(nn.Module):
 
 
 def replace_stem(model: nn.Module, conv_factory) -> str:
-    model.stem = ChannelsLastStem(conv_factory(model.stem.conv2.out_channels), model.stem.norm2)
+    model.stem = ChannelsLastStem(
+        conv_factory(model.stem.conv2.out_channels, model.stem.conv2.bias is not None), model.stem.norm2
+    )
     return "stem"
 
 

@@ -8,6 +8,7 @@ FAMILY = register(
         model_classes=("MetaFormer",),
         examples=("convformer_s18", "caformer_s18", "convformer_s36"),
         replace_stem=replace_stem_conv("stem.conv"),
-        stem_note="stem.conv replaced, stem.norm kept",
+        stem_note="stem.conv replaced (no bias, as DCLS-Audio), stem.norm kept",
+        stem_bias=False,
     )
 )

@@ -15,15 +15,17 @@ class Family:
     ``model_classes`` are the timm classes it covers (matched by class name);
     ``examples`` are timm model names known to work, smallest first;
     ``replace_stem(model, conv_factory)`` swaps the part of the stem that
-    downsamples for ``conv_factory(out_channels)`` and returns the replaced
-    module's qualified name.
+    downsamples for ``conv_factory(out_channels, bias)`` and returns the replaced
+    module's qualified name; ``stem_bias``, when set, overrides that bias (the
+    DCLS-Audio models give ConvFormer and FastViT a bias-free stem conv).
     """
 
     name: str
     model_classes: tuple[str, ...]
     examples: tuple[str, ...]
-    replace_stem: Callable[[nn.Module, Callable[[int], nn.Conv2d]], str]
+    replace_stem: Callable[[nn.Module, Callable[[int, bool], nn.Conv2d]], str]
     stem_note: str
+    stem_bias: bool | None = None
 
 
 FAMILIES: dict[str, Family] = {}
@@ -40,13 +42,13 @@ def family_of(model: nn.Module) -> Family | None:
     return next((f for f in FAMILIES.values() if name in f.model_classes), None)
 
 
-def replace_stem_conv(path: str) -> Callable[[nn.Module, Callable[[int], nn.Conv2d]], str]:
-    """Stem surgery that replaces only the conv at ``path`` and keeps what follows it
-    (a norm, an activation)."""
+def replace_stem_conv(path: str) -> Callable[[nn.Module, Callable[[int, bool], nn.Conv2d]], str]:
+    """Stem surgery that replaces only the conv at ``path`` (keeping its width and bias)
+    and keeps what follows it (a norm, an activation)."""
 
-    def replace(model: nn.Module, conv_factory: Callable[[int], nn.Conv2d]) -> str:
+    def replace(model: nn.Module, conv_factory: Callable[[int, bool], nn.Conv2d]) -> str:
         old = model.get_submodule(path)
-        model.set_submodule(path, conv_factory(old.out_channels))
+        model.set_submodule(path, conv_factory(old.out_channels, old.bias is not None))
         return path
 
     return replace

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import os
 import tempfile
@@ -22,13 +23,28 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or rebuilt."""
 
 
+def _from_file(source: str, **model_kwargs) -> nn.Module:
+    path, _, factory = source.removeprefix("file:").rpartition(":")
+    if not path or not Path(path).is_file():
+        raise SurgeryError(f"{source!r}: expected file:PATH.py:FACTORY with an existing PATH.py")
+    spec = importlib.util.spec_from_file_location(f"dclsify_source_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, factory, None)):
+        raise SurgeryError(f"{path} has no function {factory!r} to build the model")
+    return getattr(module, factory)(**model_kwargs)
+
+
 def create_source(source: str, **model_kwargs) -> nn.Module:
-    """The model a source names: ``timm:NAME`` (or a bare timm name), without pretrained weights."""
+    """The model a source names, without pretrained weights: ``timm:NAME`` (or a bare timm
+    name), or ``file:PATH.py:FACTORY`` (``FACTORY(**model_kwargs)`` from a Python file)."""
     import timm
 
+    if source.startswith("file:"):
+        return _from_file(source, **model_kwargs)
     name = source.removeprefix("timm:")
     if ":" in name:
-        raise SurgeryError(f"unknown model source {source!r}: use timm:NAME (for example timm:convnext_tiny)")
+        raise SurgeryError(f"unknown model source {source!r}: use timm:NAME or file:PATH.py:FACTORY")
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `timm.list_models('*pattern*')` lists them"
@@ -39,7 +55,7 @@ def create_source(source: str, **model_kwargs) -> nn.Module:
 def convert(source: str, model_kwargs: dict | None = None, **rewrite_args) -> nn.Module:
     """``rewrite(create_source(source))``, remembering the source so that :func:`save` can describe it."""
     model = rewrite(create_source(source, **(model_kwargs or {})), **rewrite_args)
-    model.dclsify.source = source if source.startswith("timm:") else f"timm:{source}"
+    model.dclsify.source = source if source.startswith(("timm:", "file:")) else f"timm:{source}"
     model.dclsify.model_kwargs = dict(model_kwargs or {})
     return model
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .rewrite import propagate_shapes, trace
+from .rewrite import example_input, propagate_shapes, trace
 
 
 @dataclass
@@ -83,11 +83,8 @@ def _shape(node: torch.fx.Node | None) -> list[int] | None:
 def graph_diff(original: nn.Module, rewritten: nn.Module) -> GraphDiff:
     """Compare a model with its rewrite (from :func:`~dclsify.surgery.rewrite.rewrite`)."""
     report = rewritten.dclsify
-    config = report.config
     before, after = trace(original), trace(rewritten)
-    reference = next(rewritten.parameters())
-    example = torch.zeros(1, config.in_chans, *config.input_size, device=reference.device, dtype=reference.dtype)
-    _try_shapes(after, example)
+    _try_shapes(after, example_input(rewritten, report.config))
     groups = {r.name: r.group for r in report.replaced}
     first_of_group = {next(r.name for r in report.replaced if r.group == g) for g in set(groups.values())}
     sharing = set(groups) - first_of_group

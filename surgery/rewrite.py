@@ -148,7 +148,7 @@ def _stem_geometry(stem) -> tuple[tuple[int, int], tuple[int, int]] | None:
             pairs = [tuple(int(v) for v in p.split("x")) for p in parts]
         except ValueError:
             pairs = []
-        if len(parts) not in (1, 2) or any(len(p) != 2 or min(p) < 1 for p in pairs):
+        if len(parts) not in (1, 2) or len(pairs) != len(parts) or any(len(p) != 2 or min(p) < 1 for p in pairs):
             raise SurgeryError(f"stem must be 'audio', None, 'KHxKW' or 'KHxKW/SHxSW', got {stem!r}")
         return pairs[0], pairs[-1]
     kernel, stride = (stem, stem) if isinstance(stem[0], int) else stem
@@ -167,8 +167,11 @@ def _rewrite_stem(model, family, geometry, in_chans: int) -> str:
     reference = next(model.parameters())
     kernel, stride = geometry
 
-    def conv_factory(out_channels: int) -> nn.Conv2d:
-        return nn.Conv2d(in_chans, out_channels, kernel, stride, device=reference.device, dtype=reference.dtype)
+    def conv_factory(out_channels: int, bias: bool) -> nn.Conv2d:
+        bias = bias if family is None or family.stem_bias is None else family.stem_bias
+        # built on the CPU, so that the seed gives the same weights on every device
+        conv = nn.Conv2d(in_chans, out_channels, kernel, stride, bias=bias)
+        return conv.to(device=reference.device, dtype=reference.dtype)
 
     if family is not None:
         return family.replace_stem(model, conv_factory)
@@ -177,7 +180,8 @@ def _rewrite_stem(model, family, geometry, in_chans: int) -> str:
         f"{type(model).__name__} is not a registered family: replacing its first conv {name!r} as the stem",
         stacklevel=3,
     )
-    model.set_submodule(name, conv_factory(model.get_submodule(name).out_channels))
+    old = model.get_submodule(name)
+    model.set_submodule(name, conv_factory(old.out_channels, old.bias is not None))
     return name
 
 
@@ -216,12 +220,14 @@ def _input_shapes(model: nn.Module, names: set[str], example: torch.Tensor) -> t
 
 def _hooked_input_shapes(model: nn.Module, names: set[str], example: torch.Tensor) -> dict:
     shapes = {}
-    handles = [
-        model.get_submodule(name).register_forward_pre_hook(
-            lambda module, args, name=name: shapes.setdefault(name, tuple(args[0].shape))
-        )
-        for name in names
-    ]
+
+    def record(name: str):
+        def hook(module, args) -> None:
+            shapes.setdefault(name, tuple(args[0].shape))
+
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(record(name)) for name in names]
     training = model.training
     try:
         with torch.no_grad():
@@ -233,6 +239,14 @@ def _hooked_input_shapes(model: nn.Module, names: set[str], example: torch.Tenso
     return shapes
 
 
+def example_input(model: nn.Module, config: RewriteConfig) -> torch.Tensor:
+    """A zero spectrogram batch of one, with the channels the model's first conv takes."""
+    reference = next(model.parameters())
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = config.in_chans if config.stem is not None or first_conv is None else first_conv.in_channels
+    return torch.zeros(1, channels, *config.input_size, device=reference.device, dtype=reference.dtype)
+
+
 def _group_key(sync: str, name: str, conv: nn.Conv2d, shape) -> tuple:
     if sync == "none":
         return (name,)
@@ -241,7 +255,7 @@ def _group_key(sync: str, name: str, conv: nn.Conv2d, shape) -> tuple:
     return (conv.in_channels, *(shape[-2:] if shape is not None else ()))
 
 
-def _make_dcls(conv: nn.Conv2d, config: RewriteConfig, generator: torch.Generator) -> Dcls2d:
+def _make_dcls(conv: nn.Conv2d, config: RewriteConfig) -> Dcls2d:
     # Keep the output size whatever the old padding: grow it by half the kernel growth.
     old_padding = conv.padding
     if isinstance(old_padding, str):  # "same" (odd kernels) or "valid"
@@ -259,13 +273,10 @@ def _make_dcls(conv: nn.Conv2d, config: RewriteConfig, generator: torch.Generato
         padding_mode=conv.padding_mode,
         version=config.version,
     )
-    with torch.no_grad():  # the paper's initialisation, from the rewrite's own seed
-        layer.weight.normal_(0.0, WEIGHT_INIT_STD, generator=generator)
+    with torch.no_grad():  # the paper's: positions and sigmas as the reference, weights N(0, 0.02), no bias
+        layer.weight.normal_(0.0, WEIGHT_INIT_STD)
         if layer.bias is not None:
             layer.bias.zero_()
-        for axis in layer.P:
-            axis.normal_(0.0, 0.5, generator=generator)
-        layer.clamp_parameters()
     return layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
 
@@ -332,12 +343,16 @@ def rewrite(
         family=None if family is None else family.name,
         parameters_before=sum(p.numel() for p in model.parameters()),
     )
-    if geometry is not None:
-        report.stem = _rewrite_stem(model, family, geometry, in_chans)
-    if num_classes is not None:
-        model.reset_classifier(num_classes)
-    if dcls:
-        _replace_depthwise(model, config, matcher, report)
+    # Every new layer (stem, head, Dcls2d) is initialised from the seed, on the CPU, and
+    # the caller's random state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if geometry is not None:
+            report.stem = _rewrite_stem(model, family, geometry, in_chans)
+        if num_classes is not None:
+            model.reset_classifier(num_classes)
+        if dcls:
+            _replace_depthwise(model, config, matcher, report)
     model.dclsify = report
     return model
 
@@ -355,18 +370,15 @@ def _replace_depthwise(model: nn.Module, config: RewriteConfig, matcher, report:
     too_big = sorted({c.kernel_size for c in matched.values() if max(c.kernel_size) > config.kernel})
     if too_big:
         raise SurgeryError(f"kernel {config.kernel} is smaller than matched kernels {too_big}: use a larger --kernel")
-    reference = next(model.parameters())
-    example = torch.zeros(1, config.in_chans, *config.input_size, device=reference.device, dtype=reference.dtype)
-    shapes, report.functional_convs, report.traced = _input_shapes(model, set(matched), example)
+    shapes, report.functional_convs, report.traced = _input_shapes(model, set(matched), example_input(model, config))
     if report.functional_convs:
         warnings.warn(
             f"convs called functionally cannot be rewritten: {', '.join(report.functional_convs)}", stacklevel=3
         )
-    generator = torch.Generator().manual_seed(config.seed)
     shared: dict[tuple, tuple[int, nn.Parameter, nn.Parameter | None]] = {}
     for name, conv in matched.items():
         shape = shapes.get(name)
-        layer = _make_dcls(conv, config, generator)
+        layer = _make_dcls(conv, config)
         key = _group_key(config.sync, name, conv, shape)
         if key not in shared:
             shared[key] = (len(shared), layer.P, layer.SIG)

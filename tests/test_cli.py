@@ -45,3 +45,68 @@ def test_bench_user_errors_are_one_line_and_non_zero():
 def test_python_dash_m_and_version():
     result = subprocess.run([sys.executable, "-m", "dclsify", "--version"], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == f"dclsify {__version__}"
+
+
+def test_convert_summarises_and_writes_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "atto.safetensors"
+    args = ["convert", "timm:convnext_atto", "--kernel", "11", "--count", "9", "--num-classes", "7", "-o", str(out)]
+    result = runner.invoke(app, args, env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "12 depthwise convs replaced by Dcls2d 11x11/9" in result.output
+    assert "64x62" in result.output and "8x7" in result.output  # stage map sizes
+    assert "parameters: 3,695,520 before" in result.output
+    assert "output on (1, 1, 128, 1001): (1, 7)" in result.output
+    from dclsify import load
+
+    model = load(out)
+    assert model.head.fc.out_features == 7 and model.stages[0].blocks[0].conv_dw.kernel_count == 9
+
+
+def test_convert_no_dcls_is_the_baseline(tmp_path):
+    out = tmp_path / "dsc.safetensors"
+    result = runner.invoke(app, ["convert", "convnext_atto", "--no-dcls", "-o", str(out)], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "depthwise convs replaced" not in result.output and out.exists()
+
+
+def test_convert_errors_are_one_line_and_write_nothing(tmp_path):
+    cases = [
+        (["timm:convnext_tny"], "unknown timm model 'convnext_tny'; did you mean convnext_tiny"),
+        (["timm:resnet18"], "nothing to replace in ResNet"),
+        (["timm:convnext_atto", "--kernel", "5", "--count", "9"], "kernel 5 is smaller than matched kernels"),
+        (["timm:convnext_atto", "--count", "600"], "count must be from 1 to kernel^2 = 529"),
+        (["timm:convnext_atto", "--sync", "block"], "sync must be one of"),
+        (["hub:convnext"], "unknown model source 'hub:convnext'"),
+    ]
+    for args, expected in cases:
+        result = runner.invoke(app, ["convert", *args, "-o", str(tmp_path / "x.safetensors")], env={"COLUMNS": "300"})
+        assert result.exit_code == 1, (args, result.output)
+        assert expected in result.output and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_diff_table_unified_and_json():
+    table = runner.invoke(app, ["diff", "timm:fastvit_t8"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0, table.output
+    assert "removed" in table.output and "added" in table.output and "Dcls2d" in table.output
+    assert "7x7 -> 23x23" in table.output
+    unified = runner.invoke(app, ["diff", "timm:fastvit_t8", "--format", "unified"])
+    assert unified.output.startswith("--- before\n+++ after\n")
+    assert "-    stem_0_conv_scale_conv" in unified.output and "+    stem = self.stem(x)" in unified.output
+    data = json.loads(runner.invoke(app, ["diff", "timm:convnext_atto", "--format", "json"]).output)
+    assert data["output_shape"] == [1, 527]
+    changes = {c["target"]: c for c in data["changes"]}
+    assert changes["stem.0"]["kernel_after"] == "2x16" and changes["stem.0"]["output_shape"] == [1, 40, 64, 62]
+    dcls = [c for c in data["changes"] if c["after"] == "Dcls2d"]
+    assert len(dcls) == 12 and {c["stage_group"] for c in dcls} == {0, 1, 2, 3}
+    # the parameter column adds up: shared P/SIG are charged once, to the first layer of a stage
+    delta = sum(c["params_after"] - c["params_before"] for c in data["changes"])
+    assert delta == data["parameters_after"] - data["parameters_before"]
+
+
+def test_models_lists_the_families():
+    result = runner.invoke(app, ["models"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    for family in ("convnext", "metaformer", "fastvit", "mambaout", "rdnet", "starnet", "convmixer", "edgenext"):
+        assert family in result.output
+    assert "12 x 7x7" in result.output  # convnext_atto

@@ -1,0 +1,114 @@
+"""Self-describing safetensors checkpoints: round trips, shared tensors, atomic writes, bad files."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dclsify import CheckpointError, Dcls2d, convert, load, save
+from dclsify.surgery import checkpoint
+
+
+@pytest.fixture(scope="module")
+def model():
+    return convert("timm:convnext_atto", num_classes=5, kernel=9, count=7, seed=3)
+
+
+def test_round_trip_rebuilds_the_same_model(model, tmp_path):
+    path = save(model, tmp_path / "atto.safetensors", class_names=["a", "b", "c", "d", "e"])
+    rebuilt = load(path)
+    x = torch.randn(2, 1, 128, 1001)
+    model.eval(), rebuilt.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
+    assert rebuilt.class_names == ["a", "b", "c", "d", "e"]
+    layers = [m for m in rebuilt.modules() if isinstance(m, Dcls2d)]
+    assert layers[0].dilated_kernel_size == (9, 9) and layers[0].kernel_count == 7
+    assert layers[0].P is layers[1].P  # synchronisation survives the round trip
+    metadata = checkpoint.read_metadata(path)
+    assert metadata["source"] == "timm:convnext_atto"
+    assert metadata["rewrite"]["kernel"] == 9 and metadata["rewrite"]["num_classes"] == 5
+    assert metadata["rewrite"]["seed"] == 3 and metadata["timm_version"] and metadata["dclsify_version"]
+
+
+def test_shared_positions_are_stored_once(model, tmp_path):
+    path = save(model, tmp_path / "atto.safetensors")
+    with safe_open(path, framework="pt") as reader:
+        keys = list(reader.keys())
+    position_keys = [k for k in keys if k.endswith(".P")]
+    assert len(position_keys) == 4  # one per stage, not one per layer (12)
+    unique = {id(t) for t in model.state_dict(keep_vars=True).values()}
+    assert len(keys) == len(unique)
+
+
+def test_interrupted_save_leaves_no_file(model, tmp_path, monkeypatch):
+    target = tmp_path / "atto.safetensors"
+
+    def crash(model, filename, metadata=None):
+        with open(filename, "wb") as partial:
+            partial.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_model", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save(model, target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_checkpoint_survives_a_failed_overwrite(model, tmp_path, monkeypatch):
+    target = save(model, tmp_path / "atto.safetensors")
+    before = target.read_bytes()
+    monkeypatch.setattr(checkpoint, "save_model", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        save(model, target)
+    assert target.read_bytes() == before and list(tmp_path.iterdir()) == [target]
+
+
+def test_bad_files_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load(tmp_path / "missing.safetensors")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load(garbage)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="not a dclsify checkpoint"):
+        load(foreign)
+
+
+def test_weights_that_do_not_fit_are_a_clear_error(model, tmp_path):
+    path = save(model, tmp_path / "atto.safetensors")
+    with safe_open(path, framework="pt") as reader:
+        metadata = reader.metadata()
+        tensors = {k: reader.get_tensor(k) for k in reader.keys()}
+    metadata["rewrite"] = json.dumps({**json.loads(metadata["rewrite"]), "count": 8})
+    save_file(tensors, path, metadata=metadata)
+    with pytest.raises(CheckpointError, match="weights do not fit the rebuilt model"):
+        load(path)
+
+
+def test_saving_needs_a_known_source(tmp_path):
+    with pytest.raises(CheckpointError, match="needs a model made by dclsify.convert"):
+        save(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
+
+
+def test_models_from_a_python_file_round_trip(tmp_path):
+    source = tmp_path / "mymodel.py"
+    source.write_text(
+        "from torch import nn\n"
+        "def build(width=8):\n"
+        "    dw = nn.Conv2d(width, width, 7, padding=3, groups=width)\n"
+        "    return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), dw, nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                         nn.Linear(width, 3))\n"
+    )
+    model = convert(f"file:{source}:build", {"width": 6}, stem=None, input_size=(16, 20), count=5, kernel=9)
+    path = save(model, tmp_path / "mine.safetensors")
+    rebuilt = load(path)
+    x = torch.randn(2, 1, 16, 20)
+    torch.testing.assert_close(rebuilt(x), model(x))
+    assert isinstance(rebuilt[1], Dcls2d) and rebuilt[1].in_channels == 6
+    with pytest.raises(Exception, match="has no function 'make'"):
+        convert(f"file:{source}:make")
