@@ -2,7 +2,7 @@
 
 from .surgery.checkpoint import CheckpointError, convert, load, save
 from .surgery.conv import large_kernel_conv2d
-from .surgery.dcls import Dcls2d, LargeKernelConv2d, dcls_kernel
+from .surgery.dcls import Dcls2d, LargeKernelConv2d, bake, dcls_kernel
 from .surgery.diff import graph_diff
 from .surgery.rewrite import SurgeryError, rewrite
 
@@ -13,6 +13,7 @@ __all__ = [
     "LargeKernelConv2d",
     "SurgeryError",
     "__version__",
+    "bake",
     "convert",
     "dcls_kernel",
     "graph_diff",

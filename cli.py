@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -28,16 +26,22 @@ def fail(message: str) -> None:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder, so ``path`` is never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``text`` so that ``path`` is never half-written."""
+    from dclsify.surgery.checkpoint import atomic_path
+
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
     try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        device_ = torch.device(device)
+    except RuntimeError:
+        fail(f"unknown device {device!r}: use cpu, cuda or cuda:N")
+    if device_.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda asked for, but torch sees no CUDA device here")
 
 
 def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -83,8 +87,6 @@ def bench(
     json_path: Path | None = typer.Option(None, "--json", help="Also write the results to this JSON file."),
 ) -> None:
     """Time Dcls2d forward+backward against DCLS 0.1.1 and a dense 7x7 depthwise conv."""
-    import torch
-
     from dclsify.surgery import VERSIONS
     from dclsify.surgery.bench import bench_op
 
@@ -93,12 +95,7 @@ def bench(
         raise typer.BadParameter(f"must be one of {', '.join(VERSIONS)}", param_hint="--version")
     if count > kernel * kernel:
         raise typer.BadParameter(f"at most kernel^2 = {kernel * kernel}", param_hint="--count")
-    try:
-        device_ = torch.device(device)
-    except RuntimeError:
-        fail(f"unknown device {device!r}: use cpu, cuda or cuda:N")
-    if device_.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda asked for, but torch sees no CUDA device here")
+    _check_device(device)
 
     with console.status("measuring") as status:
         results = bench_op(
@@ -136,6 +133,51 @@ def bench(
         console.print("DCLS==0.1.1 is not installed: no reference timings (pip install 'dclsify[test]').")
     if json_path is not None:
         write_atomically(json_path, json.dumps([r.as_dict() for r in results], indent=2) + "\n")
+        console.print(f"wrote {json_path}")
+
+
+@app.command("bench-model")
+def bench_model_command(
+    model: str = typer.Option("timm:convnext_tiny", help="timm:NAME of the backbone."),
+    batch: int = typer.Option(4, min=1),
+    repeats: int = typer.Option(3, min=1, help="Timed steps per measurement (the median is kept)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    bf16: bool = typer.Option(False, "--bf16", help="Run under bfloat16 autocast."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+) -> None:
+    """Throughput of a DCLS audio model against its DSC twin: inference (baked kernels) and training steps."""
+    import torch
+
+    from dclsify.surgery.bench import bench_model
+
+    _check_device(device)
+    with console.status("measuring") as status:
+        result = _or_fail(
+            bench_model,
+            model,
+            batch,
+            repeats,
+            device,
+            torch.bfloat16 if bf16 else None,
+            progress=lambda what: status.update(f"measuring {what}"),
+        )
+    precision = result.autocast or "fp32"
+    console.print(f"{model}, audio stem, 527 classes: batch {batch} of (1, 128, 1001), {device}, {precision}")
+    table = Table()
+    for heading in ("samples/s", "DSC (7x7)", "DCLS (23x23/26)", "DCLS / DSC"):
+        table.add_column(heading, justify="right")
+    table.add_row(
+        "inference (baked)",
+        f"{result.dsc_inference:.2f}",
+        f"{result.dcls_inference:.2f}",
+        f"{result.inference_ratio:.2f}",
+    )
+    table.add_row(
+        "training step", f"{result.dsc_training:.2f}", f"{result.dcls_training:.2f}", f"{result.training_ratio:.2f}"
+    )
+    console.print(table)
+    if json_path is not None:
+        write_atomically(json_path, json.dumps(result.as_dict(), indent=2) + "\n")
         console.print(f"wrote {json_path}")
 
 

@@ -171,3 +171,104 @@ def bench_op(
             ref_bytes = peak_bytes(partial(_construct_and_backward, partial(ref.DCK, ref.weight, ref.P, ref.SIG)))
         results.append(OpResult(channels, height, width, algorithm, ours_ms, ref_ms, dense7_ms, ours_bytes, ref_bytes))
     return results
+
+
+@dataclass
+class ModelResult:
+    """Throughput (samples/s) of a model's DSC baseline and its DCLS rewrite."""
+
+    model: str
+    batch: int
+    device: str
+    autocast: str | None
+    dsc_inference: float
+    dcls_inference: float
+    dsc_training: float
+    dcls_training: float
+
+    @property
+    def inference_ratio(self) -> float:
+        return self.dcls_inference / self.dsc_inference
+
+    @property
+    def training_ratio(self) -> float:
+        return self.dcls_training / self.dsc_training
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"inference_ratio": self.inference_ratio, "training_ratio": self.training_ratio}
+
+
+def _samples_per_second(step: Callable[[], object], batch: int, repeats: int, device: torch.device) -> float:
+    """Median throughput over ``repeats`` timed calls, after one warm-up call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    step()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return batch / sorted(times)[len(times) // 2]
+
+
+def _inference_step(model: torch.nn.Module, x: torch.Tensor, autocast: torch.dtype | None):
+    def step() -> None:
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            model(x)
+
+    return step
+
+
+def _training_step(model: torch.nn.Module, x: torch.Tensor, autocast: torch.dtype | None):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    target = torch.zeros(x.shape[0], model.num_classes, device=x.device)
+    layers = [m for m in model.modules() if isinstance(m, Dcls2d)]
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), target)
+        loss.backward()
+        optimizer.step()
+        for layer in layers:
+            layer.clamp_parameters()
+
+    return step
+
+
+def bench_model(
+    source: str = "timm:convnext_tiny",
+    batch: int = 4,
+    repeats: int = 3,
+    device: str = "cpu",
+    autocast: torch.dtype | None = None,
+    input_size: tuple[int, int] = (128, 1001),
+    progress: Callable[[str], None] | None = None,
+) -> ModelResult:
+    """Inference (DCLS kernels baked) and training-step (forward, backward, AdamW, clamp)
+    throughput of a DCLS audio model and its DSC twin, on (batch, 1, *input_size) inputs."""
+    from .checkpoint import create_source
+    from .dcls import bake
+    from .rewrite import rewrite
+
+    device_ = torch.device(device)
+    original = create_source(source)
+    models = {
+        "dsc": rewrite(original, num_classes=527, dcls=False).to(device_),
+        "dcls": rewrite(original, num_classes=527).to(device_),
+    }
+    x = torch.randn(batch, 1, *input_size, device=device_)
+    measured = {}
+    for name, model in models.items():
+        if progress:
+            progress(f"{name} inference")
+        measured[f"{name}_inference"] = _samples_per_second(
+            _inference_step(bake(model).eval(), x, autocast), batch, repeats, device_
+        )
+        if progress:
+            progress(f"{name} training")
+        measured[f"{name}_training"] = _samples_per_second(
+            _training_step(model.train(), x, autocast), batch, repeats, device_
+        )
+    return ModelResult(source, batch, device, None if autocast is None else str(autocast).split(".")[-1], **measured)

@@ -7,6 +7,8 @@ import importlib.util
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,6 +23,25 @@ FORMAT = "dclsify"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or rebuilt."""
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write; it replaces ``path`` when the block
+    succeeds and disappears when it fails, so ``path`` is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 is not what a user expects of a saved file
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def _from_file(source: str, **model_kwargs) -> nn.Module:
@@ -84,17 +105,9 @@ def save(model: nn.Module, path: str | os.PathLike, class_names: list[str] | Non
         "rewrite": json.dumps(report.config.as_dict()),
         "class_names": json.dumps(class_names),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_model(model, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as temporary:
+        save_model(model, str(temporary), metadata=metadata)
+    return Path(path)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

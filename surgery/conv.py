@@ -47,6 +47,7 @@ class ChoiceKey(NamedTuple):
     """What an ``auto`` choice depends on (the kernel shape is after cropping)."""
 
     input_shape: torch.Size
+    input_layout: str  # "contiguous", "channels_last" or "strided": each favours other algorithms
     kernel_shape: torch.Size
     pad: tuple[int, int, int, int]
     stride: tuple[int, int]
@@ -207,7 +208,10 @@ def _fft(x: Tensor, w: Tensor, plan: _Plan, stride, groups: int) -> Tensor:
     out_dtype = _output_dtype(x, w)
     real = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
     with torch.autocast(x.device.type, enabled=False):
-        y = _FFTCorrelation.apply(F.pad(x.to(real), plan.pad), w.to(real), tuple(stride), groups)
+        # contiguous: a channels-last input (timm blocks often produce one) would make
+        # every transform stride across the channels, several times slower
+        x = F.pad(x.to(real), plan.pad).contiguous()
+        y = _FFTCorrelation.apply(x, w.to(real).contiguous(), tuple(stride), groups)
     return y.to(out_dtype)
 
 
@@ -234,8 +238,9 @@ def _toeplitz(x: Tensor, w: Tensor, plan: _Plan, stride, groups: int) -> Tensor:
     x = x.reshape(batch, cin, height * width)
     if cout != cin:
         x = x.repeat_interleave(cout // cin, dim=1)
-    y = torch.bmm(matrices, x.permute(1, 2, 0))  # (Cout, Ho*Wo, B)
-    return y.permute(2, 0, 1).reshape(batch, cout, *plan.out_size)
+    # contiguous operands: a strided bmm falls back to one copy per channel in its backward
+    y = torch.bmm(x.transpose(0, 1).contiguous(), matrices.transpose(1, 2))  # (Cout, B, Ho*Wo)
+    return y.transpose(0, 1).reshape(batch, cout, *plan.out_size)
 
 
 _KERNELS = {"direct": _direct, "channels_last": _channels_last, "fft": _fft, "toeplitz": _toeplitz}
@@ -284,10 +289,17 @@ def _measure(name: str, x: Tensor, w: Tensor, plan: _Plan, stride, groups: int, 
     return time.perf_counter() - start
 
 
+def _layout(x: Tensor) -> str:
+    if x.is_contiguous():
+        return "contiguous"
+    return "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "strided"
+
+
 def _choose(x: Tensor, w: Tensor, plan: _Plan, stride, groups: int) -> str:
     backward = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
     key = ChoiceKey(
         x.shape,
+        _layout(x),
         w.shape,
         plan.pad,
         tuple(stride),

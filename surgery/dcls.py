@@ -22,6 +22,7 @@ along the kernel's width (last) axis, ``P[1]`` and ``SIG[1]`` along its height.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -282,3 +283,13 @@ class LargeKernelConv2d(nn.Conv2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", algorithm={self.algorithm}"
+
+
+def bake(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every :class:`Dcls2d` baked (:meth:`Dcls2d.bake`): the same
+    outputs, without rebuilding kernels on every call, for inference and export."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Dcls2d):
+            model.set_submodule(name, module.bake())
+    return model

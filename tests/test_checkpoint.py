@@ -1,6 +1,7 @@
 """Self-describing safetensors checkpoints: round trips, shared tensors, atomic writes, bad files."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -27,6 +28,9 @@ def test_round_trip_rebuilds_the_same_model(model, tmp_path):
     layers = [m for m in rebuilt.modules() if isinstance(m, Dcls2d)]
     assert layers[0].dilated_kernel_size == (9, 9) and layers[0].kernel_count == 7
     assert layers[0].P is layers[1].P  # synchronisation survives the round trip
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file, not mkstemp's private 0600
     metadata = checkpoint.read_metadata(path)
     assert metadata["source"] == "timm:convnext_atto"
     assert metadata["rewrite"]["kernel"] == 9 and metadata["rewrite"]["num_classes"] == 5

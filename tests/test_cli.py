@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from dclsify import __version__
@@ -110,3 +111,23 @@ def test_models_lists_the_families():
     for family in ("convnext", "metaformer", "fastvit", "mambaout", "rdnet", "starnet", "convmixer", "edgenext"):
         assert family in result.output
     assert "12 x 7x7" in result.output  # convnext_atto
+
+
+def test_bench_model_compares_dcls_with_its_dsc_twin(tmp_path, monkeypatch):
+    from dclsify.surgery import bench
+
+    real = bench.bench_model
+    # convnext_atto on a short spectrogram keeps this a smoke test; the figures are for the benchmark
+    monkeypatch.setattr(bench, "bench_model", lambda *a, **k: real(*a, **k, input_size=(64, 160)))
+    out = tmp_path / "model.json"
+    args = ["bench-model", "--model", "timm:convnext_atto", "--batch", "1", "--repeats", "1", "--json", str(out)]
+    result = runner.invoke(app, args, env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "inference (baked)" in result.output and "training step" in result.output
+    data = json.loads(out.read_text())
+    assert data["model"] == "timm:convnext_atto" and data["batch"] == 1
+    for key in ("dsc_inference", "dcls_inference", "dsc_training", "dcls_training"):
+        assert data[key] > 0
+    assert data["training_ratio"] == pytest.approx(data["dcls_training"] / data["dsc_training"])
+    missing = runner.invoke(app, ["bench-model", "--model", "timm:convnext_tny"], env={"COLUMNS": "200"})
+    assert missing.exit_code == 1 and "unknown timm model" in missing.output
