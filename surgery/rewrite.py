@@ -86,6 +86,7 @@ class SurgeryTracer(torch.fx.Tracer):
     def __init__(self) -> None:
         from timm.layers import _fx
 
+        _fx.register_notrace_module(Dcls2d)  # so that timm's own FX feature extraction keeps it whole
         super().__init__(autowrap_functions=tuple(_fx.get_notrace_functions()))
         self.leaf_types = (Dcls2d, LargeKernelConv2d, *_fx.get_notrace_modules())
 
@@ -215,6 +216,9 @@ def _input_shapes(model: nn.Module, names: set[str], example: torch.Tensor) -> t
             shapes[node.target] = tuple(node.args[0].meta["tensor_meta"].shape)
         elif node.op == "call_function" and node.target in (F.conv2d, torch.conv2d):
             functional.append(node.name)
+    hidden = names - shapes.keys()  # inside leaf modules: not graph nodes of their own
+    if hidden:
+        shapes |= _hooked_input_shapes(model, hidden, example)
     return shapes, functional, True
 
 
@@ -353,8 +357,22 @@ def rewrite(
             model.reset_classifier(num_classes)
         if dcls:
             _replace_depthwise(model, config, matcher, report)
+    _describe_input(model, config)
     model.dclsify = report
     return model
+
+
+def _describe_input(model: nn.Module, config: RewriteConfig) -> None:
+    """Keep timm's ``pretrained_cfg`` truthful about what the model now takes and gives."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not isinstance(cfg, dict):
+        return
+    cfg = dict(cfg)
+    if config.stem is not None:
+        cfg["input_size"] = (config.in_chans, *config.input_size)
+    if config.num_classes is not None:
+        cfg["num_classes"] = config.num_classes
+    model.pretrained_cfg = cfg
 
 
 def _replace_depthwise(model: nn.Module, config: RewriteConfig, matcher, report: RewriteReport) -> None:

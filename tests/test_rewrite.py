@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from timm.models.convmixer import ConvMixer
 from torch import nn
 
@@ -104,6 +105,8 @@ def test_input_untouched_names_kept_and_timm_api_intact(atto):
     kept = {k for k in atto.state_dict() if k.rsplit(".", 1)[0] not in replaced | {"stem.0", "head.fc"}}
     assert kept <= set(model.state_dict())
     assert type(model) is type(atto) and model.pretrained_cfg["architecture"] == "convnext_atto"
+    assert model.pretrained_cfg["input_size"] == (1, 128, 1001) and model.pretrained_cfg["num_classes"] == 10
+    assert atto.pretrained_cfg["input_size"] == (3, 224, 224)
     assert model.forward_features(torch.randn(1, 1, 128, 1001)).shape == (1, 320, 8, 7)
     model.reset_classifier(3)
     assert model(torch.randn(1, 1, 128, 1001)).shape == (1, 3)
@@ -227,3 +230,20 @@ def test_unregistered_models_get_their_first_conv_as_stem():
         model = rewrite(_Untraceable(), input_size=(16, 32), dcls=False, stem="2x2")
     assert any("not a registered family: replacing its first conv 'a'" in str(w.message) for w in caught)
     assert model.a.in_channels == 1 and model.a.kernel_size == (2, 2)
+
+
+@register_notrace_module
+class _OpaqueBlock(nn.Module):  # a timm leaf: torch.fx sees one call_module node, not the conv inside
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(4, 4, 7, padding=3, groups=4)
+
+    def forward(self, x):
+        return self.dw(x) + x
+
+
+def test_convs_inside_leaf_modules_get_their_shapes_from_hooks():
+    model = rewrite(nn.Sequential(_OpaqueBlock(), _OpaqueBlock()), stem=None, in_chans=4, input_size=(12, 10))
+    assert model.dclsify.traced
+    assert [r.input_shape for r in model.dclsify.replaced] == [(1, 4, 12, 10), (1, 4, 12, 10)]
+    assert model[0].dw.P is model[1].dw.P
