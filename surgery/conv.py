@@ -234,13 +234,15 @@ def _toeplitz(x: Tensor, w: Tensor, plan: _Plan, stride, groups: int) -> Tensor:
     index = _toeplitz_index(plan, (height, width), (kh, kw), stride, x.device)
     taps = torch.cat([w.reshape(cout, kh * kw), w.new_zeros(cout, 1)], dim=1)
     # gather, not indexing: its backward is a scatter-add, many times faster than index_put
-    matrices = taps.gather(1, index.view(1, -1).expand(cout, -1)).view(cout, *index.shape)  # (Cout, Ho*Wo, H*W)
+    matrices = taps.gather(1, index.view(1, -1).expand(cout, -1))  # (Cout, Ho*Wo * H*W)
     x = x.reshape(batch, cin, height * width)
     if cout != cin:
         x = x.repeat_interleave(cout // cin, dim=1)
-    # contiguous operands: a strided bmm falls back to one copy per channel in its backward
-    y = torch.bmm(x.transpose(0, 1).contiguous(), matrices.transpose(1, 2))  # (Cout, B, Ho*Wo)
-    return y.transpose(0, 1).reshape(batch, cout, *plan.out_size)
+    # y[b, c] = matrices[c] @ x[b, c] for every channel: a grouped 1x1 conv over a "length" of
+    # B, faster on CPU (forward and backward) than a batched matmul of many small matrices
+    columns = x.permute(1, 2, 0).reshape(1, cout * height * width, batch)
+    y = F.conv1d(columns, matrices.view(-1, height * width, 1), groups=cout)  # (1, Cout*Ho*Wo, B)
+    return y.view(cout, -1, batch).permute(2, 0, 1).reshape(batch, cout, *plan.out_size)
 
 
 _KERNELS = {"direct": _direct, "channels_last": _channels_last, "fft": _fft, "toeplitz": _toeplitz}
