@@ -239,6 +239,7 @@ def convert_command(
     num_classes: int = NUM_CLASSES,
     dcls: bool = DCLS,
     output: Path | None = typer.Option(None, "-o", "--output", help="Checkpoint (default: NAME_dcls.safetensors)."),
+    pretrained: Path | None = typer.Option(None, help="Local timm weights (e.g. ImageNet) to start from."),
 ) -> None:
     """Rewrite a timm model into an audio tagger and save it as a self-describing checkpoint."""
     import torch
@@ -248,7 +249,7 @@ def convert_command(
 
     options = _rewrite_options(kernel, count, version, match, sync, stem, in_chans, num_classes, dcls)
     with console.status(f"converting {model}"):
-        rewritten = _or_fail(convert, model, **options).eval()
+        rewritten = _or_fail(convert, model, pretrained=pretrained, **options).eval()
         with torch.no_grad():
             output_shape = tuple(rewritten(torch.zeros(1, in_chans, 128, 1001)).shape)
     report = rewritten.dclsify
@@ -277,7 +278,7 @@ def convert_command(
 
 @app.command("diff")
 def diff_command(
-    model: str = typer.Argument(..., help="timm:NAME, e.g. timm:convnext_tiny."),
+    model: str = typer.Argument(..., help="timm:NAME (rewritten with the options), or a dclsify checkpoint."),
     kernel: int = KERNEL,
     count: int = COUNT,
     version: str = VERSION,
@@ -290,7 +291,7 @@ def diff_command(
     format: str = typer.Option("table", "--format", help="table, unified (diff of the FX graph code) or json."),
 ) -> None:
     """Show what a rewrite changes in the model's FX graph."""
-    from dclsify.surgery.checkpoint import create_source
+    from dclsify.surgery.checkpoint import create_source, load
     from dclsify.surgery.diff import graph_diff
     from dclsify.surgery.rewrite import rewrite
 
@@ -298,8 +299,13 @@ def diff_command(
         raise typer.BadParameter("must be table, unified or json", param_hint="--format")
     options = _rewrite_options(kernel, count, version, match, sync, stem, in_chans, num_classes, dcls)
     with console.status(f"tracing {model}"):
-        original = _or_fail(create_source, model)
-        result = graph_diff(original, _or_fail(rewrite, original, **options))
+        if Path(model).is_file():  # a checkpoint: what it changed in its source model
+            rewritten = _or_fail(load, model)
+            original = _or_fail(create_source, rewritten.dclsify.source, **rewritten.dclsify.model_kwargs)
+        else:
+            original = _or_fail(create_source, model)
+            rewritten = _or_fail(rewrite, original, **options)
+        result = graph_diff(original, rewritten)
     if format == "json":
         typer.echo(json.dumps(result.as_dict(), indent=2))
         return

@@ -56,12 +56,18 @@ def _from_file(source: str, **model_kwargs) -> nn.Module:
     return getattr(module, factory)(**model_kwargs)
 
 
-def create_source(source: str, **model_kwargs) -> nn.Module:
-    """The model a source names, without pretrained weights: ``timm:NAME`` (or a bare timm
-    name), or ``file:PATH.py:FACTORY`` (``FACTORY(**model_kwargs)`` from a Python file)."""
+def create_source(source: str, pretrained: str | os.PathLike | None = None, **model_kwargs) -> nn.Module:
+    """The model a source names: ``timm:NAME`` (or a bare timm name), or ``file:PATH.py:FACTORY``
+    (``FACTORY(**model_kwargs)`` from a Python file).
+
+    Nothing is downloaded: a timm model starts from random weights, or from ``pretrained``,
+    a local weights file (.safetensors, .pth or .bin, as timm publishes them).
+    """
     import timm
 
     if source.startswith("file:"):
+        if pretrained is not None:
+            raise SurgeryError("pretrained= is for timm models: a file: factory loads its own weights")
         return _from_file(source, **model_kwargs)
     name = source.removeprefix("timm:")
     if ":" in name:
@@ -70,14 +76,28 @@ def create_source(source: str, **model_kwargs) -> nn.Module:
         close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `timm.list_models('*pattern*')` lists them"
         raise SurgeryError(f"unknown timm model {name!r}{hint}")
-    return timm.create_model(name, pretrained=False, **model_kwargs)
+    if pretrained is None:
+        return timm.create_model(name, pretrained=False, **model_kwargs)
+    if not Path(pretrained).is_file():
+        raise SurgeryError(f"no such weights file: {pretrained}")
+    try:
+        overlay = {"file": str(pretrained)}
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **model_kwargs)
+    except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as error:
+        detail = " ".join(str(error).split()) or type(error).__name__
+        detail = detail if len(detail) <= 300 else detail[:300] + "..."
+        raise SurgeryError(f"{pretrained} does not fit timm's {name}: {detail}") from None
 
 
-def convert(source: str, model_kwargs: dict | None = None, **rewrite_args) -> nn.Module:
-    """``rewrite(create_source(source))``, remembering the source so that :func:`save` can describe it."""
-    model = rewrite(create_source(source, **(model_kwargs or {})), **rewrite_args)
+def convert(
+    source: str, model_kwargs: dict | None = None, pretrained: str | os.PathLike | None = None, **rewrite_args
+) -> nn.Module:
+    """``rewrite(create_source(source, pretrained))``, remembering the source so that
+    :func:`save` can describe it (the weights themselves travel in the checkpoint)."""
+    model = rewrite(create_source(source, pretrained, **(model_kwargs or {})), **rewrite_args)
     model.dclsify.source = source if source.startswith(("timm:", "file:")) else f"timm:{source}"
     model.dclsify.model_kwargs = dict(model_kwargs or {})
+    model.dclsify.pretrained = None if pretrained is None else str(pretrained)
     return model
 
 
@@ -104,6 +124,7 @@ def save(model: nn.Module, path: str | os.PathLike, class_names: list[str] | Non
         "model_kwargs": json.dumps(report.model_kwargs),
         "rewrite": json.dumps(report.config.as_dict()),
         "class_names": json.dumps(class_names),
+        "pretrained": json.dumps(report.pretrained),  # provenance only: load() takes the weights from here
     }
     with atomic_path(path) as temporary:
         save_model(model, str(temporary), metadata=metadata)
@@ -123,7 +144,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a dclsify checkpoint (no rebuild metadata)")
     decoded = dict(raw)
-    for key in ("model_kwargs", "rewrite", "class_names"):
+    for key in ("model_kwargs", "rewrite", "class_names", "pretrained"):
         decoded[key] = json.loads(raw[key])
     return decoded
 

@@ -78,6 +78,7 @@ class RewriteReport:
     parameters_before: int = 0  # each shared parameter counted once
     source: str | None = None  # set by convert(): what save() records to rebuild the model
     model_kwargs: dict = field(default_factory=dict)
+    pretrained: str | None = None  # the local weights file the source started from, if any
 
 
 class SurgeryTracer(torch.fx.Tracer):

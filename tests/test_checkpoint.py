@@ -116,3 +116,28 @@ def test_models_from_a_python_file_round_trip(tmp_path):
     assert isinstance(rebuilt[1], Dcls2d) and rebuilt[1].in_channels == 6
     with pytest.raises(Exception, match="has no function 'make'"):
         convert(f"file:{source}:make")
+
+
+def test_starting_from_local_pretrained_weights(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    imagenet = timm.create_model("convnext_atto")
+    weights = {k: v.contiguous() for k, v in imagenet.state_dict().items()}
+    for suffix, write in ((".safetensors", save_file), (".pth", torch.save)):
+        path = tmp_path / f"atto{suffix}"
+        write(weights, path)
+        model = convert("timm:convnext_atto", pretrained=path, num_classes=5)
+        kept = "stages.1.blocks.0.mlp.fc1.weight"
+        assert torch.equal(model.state_dict()[kept], weights[kept])  # what the rewrite keeps, it keeps trained
+        assert model.dclsify.pretrained == str(path)
+    saved = save(model, tmp_path / "tagger.safetensors")
+    assert checkpoint.read_metadata(saved)["pretrained"] == str(path)
+    torch.testing.assert_close(load(saved).state_dict()[kept], weights[kept])  # from the checkpoint itself
+    partial = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in weights.items() if not k.startswith("stages.3")}, partial)
+    with pytest.raises(Exception, match=r"partial.safetensors does not fit timm's convnext_atto: .*Missing key"):
+        convert("timm:convnext_atto", pretrained=partial)
+    with pytest.raises(Exception, match="no such weights file"):
+        convert("timm:convnext_atto", pretrained=tmp_path / "missing.pth")

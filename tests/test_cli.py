@@ -131,3 +131,14 @@ def test_bench_model_compares_dcls_with_its_dsc_twin(tmp_path, monkeypatch):
     assert data["training_ratio"] == pytest.approx(data["dcls_training"] / data["dsc_training"])
     missing = runner.invoke(app, ["bench-model", "--model", "timm:convnext_tny"], env={"COLUMNS": "200"})
     assert missing.exit_code == 1 and "unknown timm model" in missing.output
+
+
+def test_diff_of_a_checkpoint_against_its_source(tmp_path):
+    out = tmp_path / "atto.safetensors"
+    assert runner.invoke(app, ["convert", "timm:convnext_atto", "--count", "9", "-o", str(out)]).exit_code == 0
+    data = json.loads(runner.invoke(app, ["diff", str(out), "--format", "json"]).output)
+    assert data["model"] == "ConvNeXt" and len([c for c in data["changes"] if c["after"] == "Dcls2d"]) == 12
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a checkpoint")
+    result = runner.invoke(app, ["diff", str(broken)], env={"COLUMNS": "200"})
+    assert result.exit_code == 1 and "not a readable safetensors file" in result.output

@@ -247,3 +247,12 @@ def test_convs_inside_leaf_modules_get_their_shapes_from_hooks():
     assert model.dclsify.traced
     assert [r.input_shape for r in model.dclsify.replaced] == [(1, 4, 12, 10), (1, 4, 12, 10)]
     assert model[0].dw.P is model[1].dw.P
+
+
+@pytest.mark.parametrize("name, stages", [("convnext_base", 4), ("fastvit_sa36", 4)])
+def test_largest_family_members_rewrite_and_run(name, stages):
+    model = rewrite(timm.create_model(name), num_classes=527).eval()
+    assert not any(c.kernel_size == (7, 7) for c in depthwise_convs(model).values())
+    assert len(_distinct(model, "P")) == stages
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 128, 1001)).shape == (1, 527)
