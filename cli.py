@@ -270,9 +270,12 @@ def convert_command(
     console.print(f"stem: {report.stem or 'kept'}; classifier: {num_classes} classes")
     console.print(f"parameters: {report.parameters_before:,} before, {count_parameters(rewritten):,} after")
     console.print(f"output on (1, {in_chans}, 128, 1001): {output_shape}")
-    name = model.removeprefix("timm:")
+    name = model.rsplit(":", 1)[-1]  # the timm name, or a file: source's factory
     path = output or Path(f"{name}_{'dcls' if dcls else 'dsc'}.safetensors")
-    save(rewritten, path)
+    try:
+        save(rewritten, path)
+    except OSError as error:
+        fail(f"cannot write {path}: {error.strerror or error}")
     console.print(f"wrote {path}")
 
 

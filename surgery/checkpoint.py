@@ -69,6 +69,11 @@ def create_source(source: str, pretrained: str | os.PathLike | None = None, **mo
         if pretrained is not None:
             raise SurgeryError("pretrained= is for timm models: a file: factory loads its own weights")
         return _from_file(source, **model_kwargs)
+    if Path(source).is_file():
+        raise SurgeryError(
+            f"{source} is a file, not a model name: use timm:NAME or file:PATH.py:FACTORY (a dclsify "
+            "checkpoint is read with dclsify.load, and `dclsify diff` compares it with its source)"
+        )
     name = source.removeprefix("timm:")
     if ":" in name:
         raise SurgeryError(f"unknown model source {source!r}: use timm:NAME or file:PATH.py:FACTORY")

@@ -78,12 +78,17 @@ def test_convert_errors_are_one_line_and_write_nothing(tmp_path):
         (["timm:convnext_atto", "--count", "600"], "count must be from 1 to kernel^2 = 529"),
         (["timm:convnext_atto", "--sync", "block"], "sync must be one of"),
         (["hub:convnext"], "unknown model source 'hub:convnext'"),
+        ([__file__], "is a file, not a model name"),
     ]
     for args, expected in cases:
         result = runner.invoke(app, ["convert", *args, "-o", str(tmp_path / "x.safetensors")], env={"COLUMNS": "300"})
         assert result.exit_code == 1, (args, result.output)
         assert expected in result.output and "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where a folder should be")
+    result = runner.invoke(app, ["convert", "timm:convnext_atto", "-o", str(blocked / "x.safetensors")])
+    assert result.exit_code == 1 and "cannot write" in result.output and "Traceback" not in result.output
 
 
 def test_diff_table_unified_and_json():
