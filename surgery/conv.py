@@ -337,6 +337,34 @@ def _pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
+def conv_plan(input: Tensor, kernel_size, stride, padding, padding_mode: str = "zeros") -> tuple[Tensor, _Plan]:
+    """The input to convolve (padded here unless ``padding_mode`` is zeros) and the plan:
+    which kernel taps can reach it and how to pad it for them."""
+    padding = _pair(padding)
+    if padding_mode != "zeros":
+        pad = (padding[1], padding[1], padding[0], padding[0])
+        input, padding = F.pad(input, pad, mode=padding_mode), (0, 0)
+    return input, _plan(input.shape[-2:], tuple(kernel_size), _pair(stride), padding)
+
+
+def planned_conv2d(
+    input: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan, stride, groups: int, algorithm: str
+) -> Tensor:
+    """Convolve by a ``plan`` from :func:`conv_plan`, ``weight`` being already cropped to its taps."""
+    stride = _pair(stride)
+    if algorithm == "auto":
+        algorithm = _choose(input, weight, plan, stride, groups)
+    elif algorithm not in _applicable(input, weight, plan):
+        raise ValueError(
+            f"algorithm {algorithm!r} does not apply here: it needs one input channel per "
+            f"group and at most {TOEPLITZ_MAX_ELEMENTS} matrix elements"
+        )
+    out = _KERNELS[algorithm](input, weight, plan, stride, groups)
+    if bias is not None:
+        out = out + bias.to(out.dtype).view(1, -1, 1, 1)
+    return out
+
+
 def large_kernel_conv2d(
     input: Tensor,
     weight: Tensor,
@@ -354,20 +382,5 @@ def large_kernel_conv2d(
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    stride, padding = _pair(stride), _pair(padding)
-    if padding_mode != "zeros":
-        pad = (padding[1], padding[1], padding[0], padding[0])
-        input, padding = F.pad(input, pad, mode=padding_mode), (0, 0)
-    plan = _plan(input.shape[-2:], weight.shape[-2:], stride, padding)
-    weight = weight[..., plan.rows, plan.cols]
-    if algorithm == "auto":
-        algorithm = _choose(input, weight, plan, stride, groups)
-    elif algorithm not in _applicable(input, weight, plan):
-        raise ValueError(
-            f"algorithm {algorithm!r} does not apply here: it needs one input channel per "
-            f"group and at most {TOEPLITZ_MAX_ELEMENTS} matrix elements"
-        )
-    out = _KERNELS[algorithm](input, weight, plan, stride, groups)
-    if bias is not None:
-        out = out + bias.to(out.dtype).view(1, -1, 1, 1)
-    return out
+    input, plan = conv_plan(input, weight.shape[-2:], stride, padding, padding_mode)
+    return planned_conv2d(input, weight[..., plan.rows, plan.cols], bias, plan, stride, groups, algorithm)

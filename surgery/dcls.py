@@ -30,7 +30,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .conv import ALGORITHMS, PADDING_MODES, _pair, large_kernel_conv2d
+from .conv import ALGORITHMS, PADDING_MODES, _pair, conv_plan, large_kernel_conv2d, planned_conv2d
 
 VERSIONS = ("gauss", "v1")
 SIGMA_FLOOR = 0.27  # DCLS-Gauss adds this to |SIG|: the narrowest Gaussian allowed
@@ -76,8 +76,15 @@ def _profiles(centre: Tensor, sigma: Tensor | None, size: int) -> Tensor:
     return _Gaussian.apply(centre, sigma, grid)
 
 
-def dcls_kernel(weight: Tensor, P: Tensor, SIG: Tensor | None, kernel_size: tuple[int, int]) -> Tensor:
-    """The dense kernel (C_out, C_in/groups, kh, kw) of a DCLS layer.
+def dcls_kernel(
+    weight: Tensor,
+    P: Tensor,
+    SIG: Tensor | None,
+    kernel_size: tuple[int, int],
+    rows: slice = slice(None),
+    cols: slice = slice(None),
+) -> Tensor:
+    """The dense kernel (C_out, C_in/groups, kh, kw) of a DCLS layer, or only its ``rows`` and ``cols``.
 
     ``SIG=None`` selects the bilinear (``v1``) profile. Computed in the
     parameters' dtype with autocast off: a kernel built in bf16 would lose its
@@ -87,20 +94,44 @@ def dcls_kernel(weight: Tensor, P: Tensor, SIG: Tensor | None, kernel_size: tupl
     cout, cin_per_group, count = weight.shape
     pairs = cout * cin_per_group
     with torch.autocast(weight.device.type, enabled=False):
-        rows = _profiles(P[1] + kh // 2, None if SIG is None else SIG[1], kh)
-        cols = _profiles(P[0] + kw // 2, None if SIG is None else SIG[0], kw)
+        row_profiles = _profiles(P[1] + kh // 2, None if SIG is None else SIG[1], kh)
+        col_profiles = _profiles(P[0] + kw // 2, None if SIG is None else SIG[0], kw)
         # An element's 2-D profile rows x cols sums to rows.sum() * cols.sum() over the window.
-        scale = weight / (rows.sum(-1) * cols.sum(-1) + _NORM_EPS)
+        scale = weight / (row_profiles.sum(-1) * col_profiles.sum(-1) + _NORM_EPS)
+        # only the taps asked for, once the normalisers are known
+        row_profiles, col_profiles = row_profiles[..., rows], col_profiles[..., cols]
+        kh, kw = row_profiles.shape[-1], col_profiles.shape[-1]
         # kernel[h, w] = sum_n scale[n] rows[n, h] cols[n, w] for every channel pair: a grouped
         # 1x1 conv, several times faster on CPU than a batched matmul of small matrices
-        scaled_rows = (scale.unsqueeze(-1) * rows).reshape(pairs, count, kh).transpose(1, 2)
-        kernel = F.conv1d(cols.reshape(1, pairs * count, kw), scaled_rows.reshape(pairs * kh, count, 1), groups=pairs)
+        scaled_rows = (scale.unsqueeze(-1) * row_profiles).reshape(pairs, count, kh).transpose(1, 2)
+        kernel = F.conv1d(
+            col_profiles.reshape(1, pairs * count, kw), scaled_rows.reshape(pairs * kh, count, 1), groups=pairs
+        )
         return kernel.view(cout, cin_per_group, kh, kw)
 
 
-# Under plain torch.fx.symbolic_trace these two stay single call_function nodes:
-# their shape-dependent control flow and autocast contexts cannot be traced.
-torch.fx.wrap("dcls_kernel")
+def dcls_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    P: Tensor,
+    SIG: Tensor | None,
+    bias: Tensor | None,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    groups: int,
+    padding_mode: str = "zeros",
+    algorithm: str = "auto",
+) -> Tensor:
+    """A DCLS convolution: the kernel, built only where it can reach the input, then convolved."""
+    input, plan = conv_plan(input, kernel_size, stride, padding, padding_mode)
+    kernel = dcls_kernel(weight, P, SIG, kernel_size, plan.rows, plan.cols)
+    return planned_conv2d(input, kernel, bias, plan, stride, groups, algorithm)
+
+
+# Under plain torch.fx.symbolic_trace these stay single call_function nodes: their
+# shape-dependent control flow and autocast contexts cannot be traced.
+torch.fx.wrap("dcls_conv2d")
 torch.fx.wrap("large_kernel_conv2d")
 
 
@@ -216,9 +247,18 @@ class Dcls2d(nn.Module):
         return dcls_kernel(self.weight, self.P, self.SIG, self.dilated_kernel_size)
 
     def forward(self, input: Tensor) -> Tensor:
-        kernel = dcls_kernel(self.weight, self.P, self.SIG, self.dilated_kernel_size)
-        return large_kernel_conv2d(
-            input, kernel, self.bias, self.stride, self.padding, self.groups, self.padding_mode, self.algorithm
+        return dcls_conv2d(
+            input,
+            self.weight,
+            self.P,
+            self.SIG,
+            self.bias,
+            self.dilated_kernel_size,
+            self.stride,
+            self.padding,
+            self.groups,
+            self.padding_mode,
+            self.algorithm,
         )
 
     @torch.no_grad()

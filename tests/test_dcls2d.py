@@ -191,7 +191,7 @@ def test_symbolic_trace_keeps_the_operator_whole():
     model = torch.nn.Sequential(_layer(), torch.nn.GELU())
     traced = torch.fx.symbolic_trace(model)
     called = [node.target.__name__ for node in traced.graph.nodes if node.op == "call_function"]
-    assert called == ["dcls_kernel", "large_kernel_conv2d"]
+    assert called == ["dcls_conv2d"]
     x = torch.randn(2, 8, 9, 9)
     torch.testing.assert_close(traced(x), model(x))
 
@@ -214,3 +214,12 @@ def test_torch_compile_gives_the_same_outputs_and_gradients():
     model.zero_grad()
     model(x).sum().backward()
     torch.testing.assert_close(compiled_grad, model[0].P.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_can_be_built_for_a_window_of_taps_only():
+    layer = _layer(channels=4, kernel=23, count=26)
+    rows, cols = slice(4, 19), slice(5, 18)  # what an 8x7 map can reach (surgery/conv.py: _crop)
+    full = dcls_kernel(layer.weight, layer.P, layer.SIG, (23, 23))
+    torch.testing.assert_close(
+        dcls_kernel(layer.weight, layer.P, layer.SIG, (23, 23), rows, cols), full[..., rows, cols]
+    )
