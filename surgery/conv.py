@@ -80,6 +80,7 @@ class _Plan:
     cols: slice
     pad: tuple[int, int, int, int]  # F.pad order: left, right, top, bottom
     out_size: tuple[int, int]
+    stride: tuple[int, int]
 
 
 def _crop(size: int, k: int, stride: int, pad: int) -> tuple[slice, int, int, int]:
@@ -97,7 +98,7 @@ def _crop(size: int, k: int, stride: int, pad: int) -> tuple[slice, int, int, in
 def _plan(in_size, kernel_size, stride, padding) -> _Plan:
     rows, top, bottom, out_h = _crop(in_size[0], kernel_size[0], stride[0], padding[0])
     cols, left, right, out_w = _crop(in_size[1], kernel_size[1], stride[1], padding[1])
-    return _Plan(rows, cols, (left, right, top, bottom), (out_h, out_w))
+    return _Plan(rows, cols, (left, right, top, bottom), (out_h, out_w), tuple(stride))
 
 
 def _fast_len(n: int) -> int:
@@ -170,10 +171,11 @@ def _fft_size(plan: _Plan, in_size, kernel_size) -> tuple[int, int]:
     which makes transforms a third smaller than padding on both sides.
     """
     left, right, top, bottom = plan.pad
-    height, width = in_size
-    return (
-        _fast_len(max(height + max(top, bottom), kernel_size[0])),
-        _fast_len(max(width + max(left, right), kernel_size[1])),
+    return tuple(
+        _fast_len(max(size + max(before, after), k, (out - 1) * s + 1))
+        for size, before, after, k, out, s in zip(
+            in_size, (top, left), (bottom, right), kernel_size, plan.out_size, plan.stride, strict=True
+        )
     )
 
 
@@ -181,31 +183,38 @@ class _FFTCorrelation(torch.autograd.Function):
     """Cross-correlation through rfft2, with a backward made of rfft2/irfft2 only
     (autograd's would run full complex transforms, at twice the cost).
 
-    Correlation theorem: circular corr(x, w) = irfft(X * conj(W)). Output y is the
-    circular correlation at (y*s - before, x*s - left) modulo the transform size, which
-    :func:`_fft_size` makes wrap onto zeros only; the gradients are the adjoints of the
-    same circular maps (a convolution with w for x, a correlation with x for w).
+    Correlation theorem: circular corr(x, w) = irfft(X * conj(W)). The input sits at the
+    start of a zero buffer of :func:`_fft_size`; the kernel is rolled back by the leading
+    padding, so that output (y, x) is the circular correlation at (y*s, x*s), wrapping
+    onto zeros only. The gradients are the adjoints of the same circular maps (a
+    convolution with w for the input, a correlation with the input for w).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, plan: _Plan, stride: tuple[int, int], groups: int) -> Tensor:
         size = _fft_size(plan, x.shape[-2:], w.shape[-2:])
+        lead = (plan.pad[2], plan.pad[0])  # top, left
+        kh, kw = w.shape[-2:]
+        rolled = F.pad(w, (0, size[1] - kw, 0, size[0] - kh)).roll((-lead[0], -lead[1]), (-2, -1))
         xf = torch.fft.rfft2(x, s=size)
-        wf = torch.fft.rfft2(w, s=size)
+        wf = torch.fft.rfft2(rolled)
         circular = torch.fft.irfft2(_product(xf, wf.conj(), groups), s=size)
-        (out_h, out_w), (left, _, top, _) = plan.out_size, plan.pad
-        rows = (torch.arange(out_h, device=x.device) * stride[0] - top) % size[0]
-        cols = (torch.arange(out_w, device=x.device) * stride[1] - left) % size[1]
-        ctx.save_for_backward(xf, wf, rows, cols)
-        ctx.size, ctx.groups, ctx.input_size, ctx.kernel_shape = size, groups, x.shape[-2:], w.shape
-        return circular.index_select(-2, rows).index_select(-1, cols)
+        valid = (
+            ...,
+            slice(0, plan.out_size[0] * stride[0], stride[0]),
+            slice(0, plan.out_size[1] * stride[1], stride[1]),
+        )
+        ctx.save_for_backward(xf, wf)
+        ctx.valid, ctx.lead, ctx.size, ctx.groups = valid, lead, size, groups
+        ctx.input_size, ctx.kernel_shape = x.shape[-2:], w.shape
+        return circular[valid]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        xf, wf, rows, cols = ctx.saved_tensors
+        xf, wf = ctx.saved_tensors
         full = grad.new_zeros(*grad.shape[:2], *ctx.size)
-        full[..., rows[:, None], cols] = grad
+        full[ctx.valid] = grad
         gf = torch.fft.rfft2(full)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
@@ -214,7 +223,7 @@ class _FFTCorrelation(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             cout, cin_per_group, kh, kw = ctx.kernel_shape
             product = _product_grad_weight(gf.conj(), xf, ctx.groups, cin_per_group)
-            grad_w = torch.fft.irfft2(product, s=ctx.size)[..., :kh, :kw]
+            grad_w = torch.fft.irfft2(product, s=ctx.size).roll(ctx.lead, (-2, -1))[..., :kh, :kw]
         return grad_x, grad_w, None, None, None
 
 

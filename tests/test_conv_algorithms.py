@@ -93,3 +93,34 @@ def test_auto_measures_once_and_caches(monkeypatch):
 def test_unknown_algorithm_is_a_clear_error():
     with pytest.raises(ValueError, match=r"algorithm must be one of .*'fft'.*got 'fast'"):
         large_kernel_conv2d(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 3, 3), algorithm="fast")
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_geometries_match_dense_conv(seed):
+    # Crops, wrap-arounds and strides meet in many ways: sizes, paddings and strides at random.
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(low, high):
+        return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+    kernel = (draw(1, 13), draw(1, 13))
+    padding = (draw(0, 14), draw(0, 14))
+    stride = (draw(1, 3), draw(1, 3))
+    size = tuple(max(draw(1, 12), k - 2 * p) for k, p in zip(kernel, padding, strict=True))
+    x = torch.randn(2, 3, *size, dtype=torch.float64, generator=generator)
+    w = torch.randn(3, 1, *kernel, dtype=torch.float64, generator=generator)
+    expected = _reference_and_grads(x, w, torch.zeros(3, dtype=torch.float64), stride, padding, 3)
+    for algorithm in ("fft", "toeplitz", "direct"):
+        got = _reference_and_grads(
+            x,
+            w,
+            torch.zeros(3, dtype=torch.float64),
+            stride,
+            padding,
+            3,
+            fn=lambda *a, groups, algorithm=algorithm: large_kernel_conv2d(*a, groups, algorithm=algorithm),
+        )
+        for g, e in zip(got[:3], expected[:3], strict=True):
+            torch.testing.assert_close(
+                g, e, rtol=1e-9, atol=1e-9, msg=f"{algorithm} {kernel} {padding} {stride} {size}"
+            )
