@@ -26,11 +26,14 @@ def fail(message: str) -> None:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` so that ``path`` is never half-written."""
+    """Write ``text`` so that ``path`` is never half-written; a failure ends the command."""
     from dclsify.surgery.checkpoint import atomic_path
 
-    with atomic_path(path) as temporary:
-        temporary.write_text(text)
+    try:
+        with atomic_path(path) as temporary:
+            temporary.write_text(text)
+    except OSError as error:
+        fail(f"cannot write {path}: {error.strerror or error}")
 
 
 def _check_device(device: str) -> None:
@@ -39,9 +42,13 @@ def _check_device(device: str) -> None:
     try:
         device_ = torch.device(device)
     except RuntimeError:
+        device_ = None
+    if device_ is None or device_.type not in ("cpu", "cuda"):
         fail(f"unknown device {device!r}: use cpu, cuda or cuda:N")
     if device_.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda asked for, but torch sees no CUDA device here")
+    if device_.type == "cuda" and (device_.index or 0) >= torch.cuda.device_count():
+        fail(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -199,7 +206,7 @@ def _rewrite_options(
         sync=sync,
         stem=None if stem.lower() == "none" else stem,
         in_chans=in_chans,
-        num_classes=num_classes,
+        num_classes=num_classes or None,
         dcls=dcls,
     )
 
@@ -211,7 +218,7 @@ MATCH = typer.Option("7", help="Depthwise kernel sizes to replace: 7, '5,7' or '
 SYNC = typer.Option("stage", help="Share P/SIG per stage, per channel count (model) or not at all (none).")
 STEM = typer.Option("audio", help="audio (2x16 stride 2x16), KHxKW[/SHxSW], or none to keep the original.")
 IN_CHANS = typer.Option(1, help="Input channels of the new stem.")
-NUM_CLASSES = typer.Option(527, help="Classifier outputs (527 = AudioSet).")
+NUM_CLASSES = typer.Option(527, min=0, help="Classifier outputs (527 = AudioSet); 0 keeps the model's head.")
 DCLS = typer.Option(True, "--dcls/--no-dcls", help="--no-dcls: only the stem and head (the DSC baseline).")
 
 
@@ -244,15 +251,20 @@ def convert_command(
     """Rewrite a timm model into an audio tagger and save it as a self-describing checkpoint."""
     import torch
 
-    from dclsify.surgery.checkpoint import convert, save
+    from dclsify.surgery.checkpoint import CheckpointError, convert, save
     from dclsify.surgery.diff import count_parameters
+    from dclsify.surgery.rewrite import example_input
 
     options = _rewrite_options(kernel, count, version, match, sync, stem, in_chans, num_classes, dcls)
     with console.status(f"converting {model}"):
         rewritten = _or_fail(convert, model, pretrained=pretrained, **options).eval()
-        with torch.no_grad():
-            output_shape = tuple(rewritten(torch.zeros(1, in_chans, 128, 1001)).shape)
-    report = rewritten.dclsify
+        report = rewritten.dclsify
+        example = example_input(rewritten, report.config)
+        try:
+            with torch.no_grad():
+                output_shape = tuple(rewritten(example).shape)
+        except Exception as error:  # noqa: BLE001 - the model's own error, about the example
+            fail(f"the rewritten model fails on a {tuple(example.shape)} input: {type(error).__name__}: {error}")
     table = Table()
     for heading in ("P/SIG group", "channels", "map (HxW)", "kernel", "layers"):
         table.add_column(heading, justify="right")
@@ -267,15 +279,17 @@ def convert_command(
     if groups:
         console.print(f"{model}: {len(report.replaced)} depthwise convs replaced by Dcls2d {kernel}x{kernel}/{count}")
         console.print(table)
-    console.print(f"stem: {report.stem or 'kept'}; classifier: {num_classes} classes")
+    console.print(f"stem: {report.stem or 'kept'}; classifier: {f'{num_classes} classes' if num_classes else 'kept'}")
     console.print(f"parameters: {report.parameters_before:,} before, {count_parameters(rewritten):,} after")
-    console.print(f"output on (1, {in_chans}, 128, 1001): {output_shape}")
+    console.print(f"output on {tuple(example.shape)}: {output_shape}")
     name = model.rsplit(":", 1)[-1]  # the timm name, or a file: source's factory
     path = output or Path(f"{name}_{'dcls' if dcls else 'dsc'}.safetensors")
     try:
         save(rewritten, path)
     except OSError as error:
         fail(f"cannot write {path}: {error.strerror or error}")
+    except CheckpointError as error:
+        fail(str(error))
     console.print(f"wrote {path}")
 
 

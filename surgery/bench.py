@@ -222,13 +222,13 @@ def _inference_step(model: torch.nn.Module, x: torch.Tensor, autocast: torch.dty
 
 def _training_step(model: torch.nn.Module, x: torch.Tensor, autocast: torch.dtype | None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    target = torch.zeros(x.shape[0], model.num_classes, device=x.device)
     layers = [m for m in model.modules() if isinstance(m, Dcls2d)]
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), target)
+            logits = model(x).float()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
         loss.backward()
         optimizer.step()
         for layer in layers:

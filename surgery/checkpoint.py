@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from .dcls import LargeKernelConv2d
 from .rewrite import RewriteConfig, SurgeryError, rewrite
 
 FORMAT = "dclsify"
@@ -120,6 +121,8 @@ def save(model: nn.Module, path: str | os.PathLike, class_names: list[str] | Non
     report = getattr(model, "dclsify", None)
     if report is None or getattr(report, "source", None) is None:
         raise CheckpointError("save() needs a model made by dclsify.convert(), which knows its source")
+    if any(isinstance(m, LargeKernelConv2d) for m in model.modules()):
+        raise CheckpointError("save() takes the trainable model, not a baked one: bake() again after load()")
     metadata = {
         "format": FORMAT,
         "dclsify_version": __version__,
@@ -149,15 +152,21 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a dclsify checkpoint (no rebuild metadata)")
     decoded = dict(raw)
-    for key in ("model_kwargs", "rewrite", "class_names", "pretrained"):
-        decoded[key] = json.loads(raw[key])
+    try:
+        for key in ("model_kwargs", "rewrite", "class_names", "pretrained"):
+            decoded[key] = json.loads(raw[key])
+    except (KeyError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: damaged dclsify metadata ({type(error).__name__}: {error})") from None
     return decoded
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model a checkpoint describes and load its weights (strictly)."""
     metadata = read_metadata(path)
-    config = RewriteConfig(**metadata["rewrite"])
+    try:
+        config = RewriteConfig(**metadata["rewrite"])
+    except TypeError as error:
+        raise CheckpointError(f"{path}: rewrite arguments this dclsify does not know ({error})") from None
     arguments = config.as_dict()
     if arguments["match"] == "predicate":
         raise CheckpointError(f"{path} was rewritten with a Python predicate for match, which cannot be rebuilt")

@@ -85,6 +85,8 @@ class _Plan:
 
 def _crop(size: int, k: int, stride: int, pad: int) -> tuple[slice, int, int, int]:
     """Kernel taps along one axis that overlap the input, and the padding that keeps the output size."""
+    if size + 2 * pad < k:
+        raise ValueError(f"the padded input ({size + 2 * pad}) is smaller than the kernel ({k}), as in F.conv2d")
     out = (size + 2 * pad - k) // stride + 1
     first = max(0, pad - (out - 1) * stride)
     last = min(k - 1, pad + size - 1)
@@ -272,9 +274,11 @@ _KERNELS = {"direct": _direct, "channels_last": _channels_last, "fft": _fft, "to
 
 
 def _output_dtype(x: Tensor, w: Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
+    """What F.conv2d would return: autocast's dtype, except that autocast leaves float64 alone."""
+    promoted = torch.promote_types(x.dtype, w.dtype)
+    if torch.is_autocast_enabled(x.device.type) and promoted != torch.float64:
         return torch.get_autocast_dtype(x.device.type)
-    return torch.promote_types(x.dtype, w.dtype)
+    return promoted
 
 
 def _applicable(x: Tensor, w: Tensor, plan: _Plan) -> list[str]:
@@ -363,6 +367,8 @@ def _pair(value) -> tuple[int, int]:
 def conv_plan(input: Tensor, kernel_size, stride, padding, padding_mode: str = "zeros") -> tuple[Tensor, _Plan]:
     """The input to convolve (padded here unless ``padding_mode`` is zeros) and the plan:
     which kernel taps can reach it and how to pad it for them."""
+    if isinstance(padding, str) or not all(isinstance(p, int) and p >= 0 for p in _pair(padding)):
+        raise ValueError(f"padding must be a non-negative int or pair (no 'same'/'valid'), got {padding!r}")
     padding = _pair(padding)
     if padding_mode != "zeros":
         pad = (padding[1], padding[1], padding[0], padding[0])
@@ -374,6 +380,8 @@ def planned_conv2d(
     input: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan, stride, groups: int, algorithm: str
 ) -> Tensor:
     """Convolve by a ``plan`` from :func:`conv_plan`, ``weight`` being already cropped to its taps."""
+    if input.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
+        return planned_conv2d(input.unsqueeze(0), weight, bias, plan, stride, groups, algorithm).squeeze(0)
     stride = _pair(stride)
     if algorithm == "auto":
         algorithm = _choose(input, weight, plan, stride, groups)

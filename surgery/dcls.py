@@ -17,7 +17,12 @@ sum of ``count`` outer products per channel pair, computed as one grouped 1x1
 convolution. Nothing of size ``C x count x kernel^2`` is ever built.
 
 Axis convention (as the reference ``DCLS`` package): ``P[0]`` and ``SIG[0]`` run
-along the kernel's width (last) axis, ``P[1]`` and ``SIG[1]`` along its height.
+along the kernel's width (last) axis, ``P[1]`` and ``SIG[1]`` along its height. For a
+non-square window the reference centres and clamps ``P[0]`` by the *height*; here each
+axis uses its own size, so non-square layers differ from it on purpose.
+
+Gradients are first-order only (the Gaussian and the FFT have hand-written backwards):
+double backward, e.g. a gradient penalty, is not supported.
 """
 
 from __future__ import annotations
@@ -150,8 +155,9 @@ class Dcls2d(nn.Module):
     """2-D convolution whose kernel elements learn where they sit.
 
     A drop-in for ``DCLS.construct.modules.Dcls2d`` (same arguments, parameter
-    names and shapes, initialisation and outputs), with a fast kernel
-    construction and a measured choice of convolution algorithm.
+    names and shapes, initialisation and, for square windows, outputs), with a fast
+    kernel construction and a measured choice of convolution algorithm. It has no
+    ``use_implicit_gemm`` (the algorithm choice replaces it) and no ``v0``/``max``.
 
     Args:
         in_channels, out_channels, stride, padding, groups, bias, padding_mode:

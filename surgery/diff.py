@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .rewrite import example_input, propagate_shapes, trace
+from .rewrite import SurgeryError, example_input, propagate_shapes, trace
 
 
 @dataclass
@@ -83,7 +83,13 @@ def _shape(node: torch.fx.Node | None) -> list[int] | None:
 def graph_diff(original: nn.Module, rewritten: nn.Module) -> GraphDiff:
     """Compare a model with its rewrite (from :func:`~dclsify.surgery.rewrite.rewrite`)."""
     report = rewritten.dclsify
-    before, after = trace(original), trace(rewritten)
+    try:
+        before, after = trace(original), trace(rewritten)
+    except Exception as error:  # noqa: BLE001 - any tracing failure: no graph to compare
+        raise SurgeryError(
+            f"a graph diff needs a model torch.fx can trace, and {type(original).__name__} cannot "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        ) from None
     _try_shapes(after, example_input(rewritten, report.config))
     groups = {r.name: r.group for r in report.replaced}
     first_of_group = {next(r.name for r in report.replaced if r.group == g) for g in set(groups.values())}

@@ -187,9 +187,13 @@ def _rewrite_stem(model, family, geometry, in_chans: int) -> str:
     return name
 
 
-def _check_arguments(kernel, count, version, sync) -> None:
+def _check_arguments(kernel, count, version, sync, in_chans, input_size) -> None:
     if not isinstance(kernel, int) or kernel < 1:
         raise SurgeryError(f"kernel must be a positive int, got {kernel!r}")
+    if not isinstance(in_chans, int) or in_chans < 1:
+        raise SurgeryError(f"in_chans must be a positive int, got {in_chans!r}")
+    if len(input_size) != 2 or not all(isinstance(v, int) and v >= 1 for v in input_size):
+        raise SurgeryError(f"input_size must be (mels, frames), two positive ints, got {input_size!r}")
     if not isinstance(count, int) or not 1 <= count <= kernel * kernel:
         raise SurgeryError(f"count must be from 1 to kernel^2 = {kernel * kernel}, got {count!r}")
     if version not in VERSIONS:
@@ -210,7 +214,10 @@ def _input_shapes(model: nn.Module, names: set[str], example: torch.Tensor) -> t
             stacklevel=3,
         )
         return _hooked_input_shapes(model, names, example), [], False
-    propagate_shapes(graph_module, example)
+    try:
+        propagate_shapes(graph_module, example)
+    except Exception as error:  # noqa: BLE001 - the model's own error, about our example input
+        raise _example_error(model, example, error) from None
     shapes, functional = {}, []
     for node in graph_module.graph.nodes:
         if node.op == "call_module" and node.target in names:
@@ -237,11 +244,21 @@ def _hooked_input_shapes(model: nn.Module, names: set[str], example: torch.Tenso
     try:
         with torch.no_grad():
             model.eval()(example)
+    except Exception as error:  # noqa: BLE001 - the model's own error, about our example input
+        raise _example_error(model, example, error) from None
     finally:
         model.train(training)
         for handle in handles:
             handle.remove()
     return shapes
+
+
+def _example_error(model: nn.Module, example: torch.Tensor, error: Exception) -> SurgeryError:
+    detail = " ".join(str(error).split())[:300]
+    return SurgeryError(
+        f"a {tuple(example.shape[1:])} input does not go through the rewritten {type(model).__name__} "
+        f"({type(error).__name__}: {detail}): check stem, in_chans and input_size"
+    )
 
 
 def example_input(model: nn.Module, config: RewriteConfig) -> torch.Tensor:
@@ -325,7 +342,7 @@ def rewrite(
     """
     if hasattr(model, "dclsify"):
         raise SurgeryError("this model has been rewritten already: rewrite the original model instead")
-    _check_arguments(kernel, count, version, sync)
+    _check_arguments(kernel, count, version, sync, in_chans, tuple(input_size))
     geometry = _stem_geometry(stem)
     matcher = _kernel_matcher(match)
     config = RewriteConfig(
@@ -355,6 +372,11 @@ def rewrite(
         if geometry is not None:
             report.stem = _rewrite_stem(model, family, geometry, in_chans)
         if num_classes is not None:
+            if not hasattr(model, "reset_classifier"):
+                raise SurgeryError(
+                    f"{type(model).__name__} has no reset_classifier() (not a timm model): pass num_classes=None "
+                    "and set its head yourself"
+                )
             model.reset_classifier(num_classes)
         if dcls:
             _replace_depthwise(model, config, matcher, report)
@@ -389,6 +411,14 @@ def _replace_depthwise(model: nn.Module, config: RewriteConfig, matcher, report:
     too_big = sorted({c.kernel_size for c in matched.values() if max(c.kernel_size) > config.kernel})
     if too_big:
         raise SurgeryError(f"kernel {config.kernel} is smaller than matched kernels {too_big}: use a larger --kernel")
+    odd_one_out = sorted(
+        {c.kernel_size for c in matched.values() if any((config.kernel - k) % 2 for k in c.kernel_size)}
+    )
+    if odd_one_out:
+        raise SurgeryError(
+            f"kernel {config.kernel} and matched kernels {odd_one_out} differ in parity, so the layer's output size "
+            "would change: use an odd --kernel for odd matched kernels (the paper's is 23)"
+        )
     shapes, report.functional_convs, report.traced = _input_shapes(model, set(matched), example_input(model, config))
     if report.functional_convs:
         warnings.warn(

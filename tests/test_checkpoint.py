@@ -141,3 +141,25 @@ def test_starting_from_local_pretrained_weights(tmp_path):
         convert("timm:convnext_atto", pretrained=partial)
     with pytest.raises(Exception, match="no such weights file"):
         convert("timm:convnext_atto", pretrained=tmp_path / "missing.pth")
+
+
+def test_baked_models_and_damaged_metadata_are_refused(model, tmp_path):
+    from dclsify import bake
+
+    with pytest.raises(CheckpointError, match="not a baked one"):
+        save(bake(model), tmp_path / "baked.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    path = save(model, tmp_path / "atto.safetensors")
+    with safe_open(path, framework="pt") as reader:
+        metadata = reader.metadata()
+        tensors = {k: reader.get_tensor(k) for k in reader.keys()}
+    for damage, message in [
+        ({"rewrite": "{not json"}, "damaged dclsify metadata"),
+        ({"rewrite": json.dumps({**json.loads(metadata["rewrite"]), "warp": 9})}, "rewrite arguments this dclsify"),
+    ]:
+        save_file(tensors, path, metadata={**metadata, **damage})
+        with pytest.raises(CheckpointError, match=message):
+            load(path)
+    save_file(tensors, path, metadata={k: v for k, v in metadata.items() if k != "model_kwargs"})
+    with pytest.raises(CheckpointError, match="damaged dclsify metadata"):
+        load(path)

@@ -36,6 +36,8 @@ def test_bench_user_errors_are_one_line_and_non_zero():
         (["--version", "max"], "gauss, v1"),
         (["--kernel", "3", "--count", "10"], "at most kernel^2 = 9"),
         (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--device", "meta"], "unknown device 'meta'"),
+        (["--device", "cuda:7"], "--device cuda"),
     ]:
         result = runner.invoke(app, ["bench", *args], env={"COLUMNS": "200"})
         assert result.exit_code != 0, args
@@ -147,3 +149,16 @@ def test_diff_of_a_checkpoint_against_its_source(tmp_path):
     broken.write_bytes(b"not a checkpoint")
     result = runner.invoke(app, ["diff", str(broken)], env={"COLUMNS": "200"})
     assert result.exit_code == 1 and "not a readable safetensors file" in result.output
+
+
+def test_convert_keeping_the_stem_and_head_and_unwritable_json(tmp_path):
+    out = tmp_path / "kept.safetensors"
+    args = ["convert", "timm:convnext_atto", "--stem", "none", "--num-classes", "0", "-o", str(out)]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "output on (1, 3, 128, 1001): (1, 1000)" in result.output and "classifier: kept" in result.output
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    json_args = ["bench", "--shapes", "4x8x8", "--no-reference", "--repeats", "1", "--json", str(blocker / "x.json")]
+    result = runner.invoke(app, json_args, env={"COLUMNS": "200"})
+    assert result.exit_code == 1 and "cannot write" in result.output and "Traceback" not in result.output

@@ -124,3 +124,19 @@ def test_random_geometries_match_dense_conv(seed):
             torch.testing.assert_close(
                 g, e, rtol=1e-9, atol=1e-9, msg=f"{algorithm} {kernel} {padding} {stride} {size}"
             )
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_edge_inputs_behave_as_conv2d(algorithm):
+    torch.manual_seed(0)
+    w = torch.randn(4, 1, 5, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"padded input \(3\) is smaller than the kernel \(5\)"):
+        large_kernel_conv2d(torch.randn(1, 4, 3, 3, dtype=torch.float64), w, groups=4, algorithm=algorithm)
+    unbatched = torch.randn(4, 9, 8, dtype=torch.float64)  # (C, H, W), as nn.Conv2d accepts
+    torch.testing.assert_close(
+        large_kernel_conv2d(unbatched, w, None, 1, 2, 4, algorithm=algorithm), F.conv2d(unbatched, w, None, 1, 2, 1, 4)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves float64 alone, so must we
+        assert large_kernel_conv2d(unbatched, w, None, 1, 2, 4, algorithm=algorithm).dtype == torch.float64
+    with pytest.raises(ValueError, match="padding must be a non-negative int or pair"):
+        large_kernel_conv2d(unbatched, w, None, 1, "same", 4, algorithm=algorithm)

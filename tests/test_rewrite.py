@@ -170,6 +170,10 @@ def test_nothing_to_replace_lists_the_depthwise_convs(atto):
         ({"version": "max"}, "version must be one of"),
         ({"stem": "2x"}, "stem must be 'audio', None, 'KHxKW' or 'KHxKW/SHxSW'"),
         ({"match": "big"}, "match must be a kernel size"),
+        ({"kernel": 22}, r"kernel 22 and matched kernels \[\(7, 7\)\] differ in parity"),
+        ({"in_chans": 0}, "in_chans must be a positive int"),
+        ({"input_size": (128, 0)}, "input_size must be"),
+        ({"stem": "200x16"}, r"a \(1, 128, 1001\) input does not go through the rewritten ConvNeXt"),
     ],
 )
 def test_bad_arguments_are_surgery_errors(atto, kwargs, message):
@@ -256,3 +260,20 @@ def test_largest_family_members_rewrite_and_run(name, stages):
     assert len(_distinct(model, "P")) == stages
     with torch.no_grad():
         assert model(torch.randn(1, 1, 128, 1001)).shape == (1, 527)
+
+
+def test_models_without_a_timm_head_keep_theirs_or_say_so():
+    plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 7, padding=3, groups=4))
+    with pytest.raises(SurgeryError, match=r"Sequential has no reset_classifier\(\) .*pass num_classes=None"):
+        rewrite(plain, stem=None, num_classes=10, input_size=(16, 16))
+    assert isinstance(rewrite(plain, stem=None, input_size=(16, 16))[1], Dcls2d)
+
+
+def test_graph_diff_of_an_untraceable_model_is_a_clear_error():
+    from dclsify import graph_diff
+
+    original = _Untraceable()
+    with pytest.warns(UserWarning):
+        rewritten = rewrite(original, stem=None, input_size=(16, 16), in_chans=4)
+    with pytest.raises(SurgeryError, match="a graph diff needs a model torch.fx can trace, and _Untraceable cannot"):
+        graph_diff(original, rewritten)
