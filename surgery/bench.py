@@ -55,7 +55,7 @@ def peak_bytes(fn: Callable[[], object]) -> int:
 
 def time_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
     """Best wall time of ``repeats`` calls, in ms, after one warm-up call."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -101,6 +101,7 @@ def _reference_layer(layer: Dcls2d):
         from DCLS.construct.modules import Dcls2d as ReferenceDcls2d
     except ImportError:
         return None
+    previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # it warns about its CUDA kernel on every construction
     try:
         reference = ReferenceDcls2d(
@@ -115,7 +116,7 @@ def _reference_layer(layer: Dcls2d):
             version=layer.version,
         )
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(previous)
     reference.load_state_dict(layer.state_dict())
     return reference.to(layer.weight.device)
 
@@ -200,7 +201,7 @@ class ModelResult:
 
 def _samples_per_second(step: Callable[[], object], batch: int, repeats: int, device: torch.device) -> float:
     """Median throughput over ``repeats`` timed calls, after one warm-up call."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     step()
     times = []
     for _ in range(repeats):

@@ -308,12 +308,15 @@ def _estimated_cost(name: str, x: Tensor, w: Tensor, plan: _Plan) -> float:
 def _measure(name: str, x: Tensor, w: Tensor, plan: _Plan, stride, groups: int, backward: bool) -> float:
     x = x.detach().requires_grad_(backward)
     w = w.detach().requires_grad_(backward)
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(x.device)) if x.is_cuda else (lambda: None)
     sync()
     start = time.perf_counter()
-    y = _KERNELS[name](x, w, plan, stride, groups)
-    if backward:
-        y.backward(torch.ones_like(y))
+    try:
+        y = _KERNELS[name](x, w, plan, stride, groups)
+        if backward:
+            y.backward(torch.ones_like(y))
+    except torch.OutOfMemoryError:  # this algorithm does not fit here: never choose it
+        return math.inf
     sync()
     return time.perf_counter() - start
 
@@ -351,7 +354,7 @@ def _choose(x: Tensor, w: Tensor, plan: _Plan, stride, groups: int) -> str:
         if _estimated_cost(name, x, w, plan) > 30 * cheapest:
             continue
         first = _measure(name, x, w, plan, stride, groups, backward)  # includes warm-up costs
-        if first > 3 * best_time:
+        if first == math.inf or first > 3 * best_time:
             continue
         seconds = min(first, _measure(name, x, w, plan, stride, groups, backward))
         if seconds < best_time:

@@ -140,3 +140,20 @@ def test_edge_inputs_behave_as_conv2d(algorithm):
         assert large_kernel_conv2d(unbatched, w, None, 1, 2, 4, algorithm=algorithm).dtype == torch.float64
     with pytest.raises(ValueError, match="padding must be a non-negative int or pair"):
         large_kernel_conv2d(unbatched, w, None, 1, "same", 4, algorithm=algorithm)
+
+
+def test_auto_never_chooses_an_algorithm_that_ran_out_of_memory(monkeypatch):
+    conv.clear_chosen_algorithms()
+    fft = conv._KERNELS["fft"]
+
+    def exhausted(*args):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setitem(conv._KERNELS, "fft", exhausted)
+    monkeypatch.setitem(conv._KERNELS, "direct", exhausted)
+    x, w = torch.randn(1, 4, 40, 40, dtype=torch.float64), torch.randn(4, 1, 23, 23, dtype=torch.float64)
+    with torch.no_grad():
+        y = large_kernel_conv2d(x, w, None, 1, 11, 4)
+    assert set(conv.chosen_algorithms().values()) <= {"channels_last", "toeplitz"}
+    torch.testing.assert_close(y, fft(x, w, conv._plan((40, 40), (23, 23), (1, 1), (11, 11)), (1, 1), 4))
+    conv.clear_chosen_algorithms()
