@@ -120,14 +120,14 @@ def _fast_len(n: int) -> int:
 # --- the algorithms: each takes the input, the cropped kernel and the plan ---
 
 
-def _direct(x: Tensor, w: Tensor, plan: _Plan, stride, groups: int) -> Tensor:
-    return F.conv2d(F.pad(x, plan.pad), w, None, stride, 0, 1, groups)
+def _direct(x: Tensor, w: Tensor, plan: _Plan, groups: int) -> Tensor:
+    return F.conv2d(F.pad(x, plan.pad), w, None, plan.stride, 0, 1, groups)
 
 
-def _channels_last(x: Tensor, w: Tensor, plan: _Plan, stride, groups: int) -> Tensor:
+def _channels_last(x: Tensor, w: Tensor, plan: _Plan, groups: int) -> Tensor:
     x = F.pad(x, plan.pad).contiguous(memory_format=torch.channels_last)
     w = w.contiguous(memory_format=torch.channels_last)
-    return F.conv2d(x, w, None, stride, 0, 1, groups)
+    return F.conv2d(x, w, None, plan.stride, 0, 1, groups)
 
 
 def _product(x: Tensor, w: Tensor, groups: int) -> Tensor:
@@ -193,7 +193,7 @@ class _FFTCorrelation(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, plan: _Plan, stride: tuple[int, int], groups: int) -> Tensor:
+    def forward(ctx, x: Tensor, w: Tensor, plan: _Plan, groups: int) -> Tensor:
         size = _fft_size(plan, x.shape[-2:], w.shape[-2:])
         lead = (plan.pad[2], plan.pad[0])  # top, left
         kh, kw = w.shape[-2:]
@@ -203,8 +203,8 @@ class _FFTCorrelation(torch.autograd.Function):
         circular = torch.fft.irfft2(_product(xf, wf.conj(), groups), s=size)
         valid = (
             ...,
-            slice(0, plan.out_size[0] * stride[0], stride[0]),
-            slice(0, plan.out_size[1] * stride[1], stride[1]),
+            slice(0, plan.out_size[0] * plan.stride[0], plan.stride[0]),
+            slice(0, plan.out_size[1] * plan.stride[1], plan.stride[1]),
         )
         ctx.save_for_backward(xf, wf)
         ctx.valid, ctx.lead, ctx.size, ctx.groups = valid, lead, size, groups
@@ -226,26 +226,26 @@ class _FFTCorrelation(torch.autograd.Function):
             cout, cin_per_group, kh, kw = ctx.kernel_shape
             product = _product_grad_weight(gf.conj(), xf, ctx.groups, cin_per_group)
             grad_w = torch.fft.irfft2(product, s=ctx.size).roll(ctx.lead, (-2, -1))[..., :kh, :kw]
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None
 
 
-def _fft(x: Tensor, w: Tensor, plan: _Plan, stride, groups: int) -> Tensor:
+def _fft(x: Tensor, w: Tensor, plan: _Plan, groups: int) -> Tensor:
     out_dtype = _output_dtype(x, w)
     real = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
     with torch.autocast(x.device.type, enabled=False):
         # contiguous: a channels-last input (timm blocks often produce one) would make
         # every transform stride across the channels, several times slower
         x = x.to(real).contiguous()
-        y = _FFTCorrelation.apply(x, w.to(real).contiguous(), plan, tuple(stride), groups)
+        y = _FFTCorrelation.apply(x, w.to(real).contiguous(), plan, groups)
     return y.to(out_dtype)
 
 
-def _toeplitz_index(plan: _Plan, in_size, kernel_size, stride, device) -> Tensor:
+def _toeplitz_index(plan: _Plan, in_size, kernel_size, device) -> Tensor:
     """For each (output, input) pixel pair, the flat kernel tap linking them, or the zero slot."""
     (out_h, out_w), (kh, kw) = plan.out_size, kernel_size
     left, top = plan.pad[0], plan.pad[2]
-    oy = torch.arange(out_h, device=device) * stride[0] - top
-    ox = torch.arange(out_w, device=device) * stride[1] - left
+    oy = torch.arange(out_h, device=device) * plan.stride[0] - top
+    ox = torch.arange(out_w, device=device) * plan.stride[1] - left
     dy = torch.arange(in_size[0], device=device)[None, :] - oy[:, None]  # (Ho, H)
     dx = torch.arange(in_size[1], device=device)[None, :] - ox[:, None]  # (Wo, W)
     inside = ((dy >= 0) & (dy < kh))[:, None, :, None] & ((dx >= 0) & (dx < kw))[None, :, None, :]
@@ -253,10 +253,10 @@ def _toeplitz_index(plan: _Plan, in_size, kernel_size, stride, device) -> Tensor
     return torch.where(inside, flat, kh * kw).reshape(out_h * out_w, -1)
 
 
-def _toeplitz(x: Tensor, w: Tensor, plan: _Plan, stride, groups: int) -> Tensor:
+def _toeplitz(x: Tensor, w: Tensor, plan: _Plan, groups: int) -> Tensor:
     batch, cin, height, width = x.shape
     cout, kh, kw = w.shape[0], w.shape[-2], w.shape[-1]
-    index = _toeplitz_index(plan, (height, width), (kh, kw), stride, x.device)
+    index = _toeplitz_index(plan, (height, width), (kh, kw), x.device)
     taps = torch.cat([w.reshape(cout, kh * kw), w.new_zeros(cout, 1)], dim=1)
     # gather, not indexing: its backward is a scatter-add, many times faster than index_put
     matrices = taps.gather(1, index.view(1, -1).expand(cout, -1))  # (Cout, Ho*Wo * H*W)
@@ -305,14 +305,14 @@ def _estimated_cost(name: str, x: Tensor, w: Tensor, plan: _Plan) -> float:
     return 2 * cout * out_pixels * height * width * (batch + 1)  # toeplitz
 
 
-def _measure(name: str, x: Tensor, w: Tensor, plan: _Plan, stride, groups: int, backward: bool) -> float:
+def _measure(name: str, x: Tensor, w: Tensor, plan: _Plan, groups: int, backward: bool) -> float:
     x = x.detach().requires_grad_(backward)
     w = w.detach().requires_grad_(backward)
     sync = (lambda: torch.cuda.synchronize(x.device)) if x.is_cuda else (lambda: None)
     sync()
     start = time.perf_counter()
     try:
-        y = _KERNELS[name](x, w, plan, stride, groups)
+        y = _KERNELS[name](x, w, plan, groups)
         if backward:
             y.backward(torch.ones_like(y))
     except torch.OutOfMemoryError:  # this algorithm does not fit here: never choose it
@@ -327,14 +327,14 @@ def _layout(x: Tensor) -> str:
     return "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "strided"
 
 
-def _choose(x: Tensor, w: Tensor, plan: _Plan, stride, groups: int) -> str:
+def _choose(x: Tensor, w: Tensor, plan: _Plan, groups: int) -> str:
     backward = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
     key = ChoiceKey(
         x.shape,
         _layout(x),
         w.shape,
         plan.pad,
-        tuple(stride),
+        plan.stride,
         groups,
         x.dtype,
         w.dtype,
@@ -353,10 +353,10 @@ def _choose(x: Tensor, w: Tensor, plan: _Plan, stride, groups: int) -> str:
     for name in candidates:
         if _estimated_cost(name, x, w, plan) > 30 * cheapest:
             continue
-        first = _measure(name, x, w, plan, stride, groups, backward)  # includes warm-up costs
+        first = _measure(name, x, w, plan, groups, backward)  # includes warm-up costs
         if first == math.inf or first > 3 * best_time:
             continue
-        seconds = min(first, _measure(name, x, w, plan, stride, groups, backward))
+        seconds = min(first, _measure(name, x, w, plan, groups, backward))
         if seconds < best_time:
             best, best_time = name, seconds
     _choices[key] = best
@@ -380,20 +380,19 @@ def conv_plan(input: Tensor, kernel_size, stride, padding, padding_mode: str = "
 
 
 def planned_conv2d(
-    input: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan, stride, groups: int, algorithm: str
+    input: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan, groups: int, algorithm: str
 ) -> Tensor:
     """Convolve by a ``plan`` from :func:`conv_plan`, ``weight`` being already cropped to its taps."""
     if input.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
-        return planned_conv2d(input.unsqueeze(0), weight, bias, plan, stride, groups, algorithm).squeeze(0)
-    stride = _pair(stride)
+        return planned_conv2d(input.unsqueeze(0), weight, bias, plan, groups, algorithm).squeeze(0)
     if algorithm == "auto":
-        algorithm = _choose(input, weight, plan, stride, groups)
+        algorithm = _choose(input, weight, plan, groups)
     elif algorithm not in _applicable(input, weight, plan):
         raise ValueError(
             f"algorithm {algorithm!r} does not apply here: it needs one input channel per "
             f"group and at most {TOEPLITZ_MAX_ELEMENTS} matrix elements"
         )
-    out = _KERNELS[algorithm](input, weight, plan, stride, groups)
+    out = _KERNELS[algorithm](input, weight, plan, groups)
     if bias is not None:
         out = out + bias.to(out.dtype).view(1, -1, 1, 1)
     return out
@@ -417,4 +416,4 @@ def large_kernel_conv2d(
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     input, plan = conv_plan(input, weight.shape[-2:], stride, padding, padding_mode)
-    return planned_conv2d(input, weight[..., plan.rows, plan.cols], bias, plan, stride, groups, algorithm)
+    return planned_conv2d(input, weight[..., plan.rows, plan.cols], bias, plan, groups, algorithm)

@@ -131,7 +131,7 @@ def dcls_conv2d(
     """A DCLS convolution: the kernel, built only where it can reach the input, then convolved."""
     input, plan = conv_plan(input, kernel_size, stride, padding, padding_mode)
     kernel = dcls_kernel(weight, P, SIG, kernel_size, plan.rows, plan.cols)
-    return planned_conv2d(input, kernel, bias, plan, stride, groups, algorithm)
+    return planned_conv2d(input, kernel, bias, plan, groups, algorithm)
 
 
 # Under plain torch.fx.symbolic_trace these stay single call_function nodes: their
