@@ -53,18 +53,23 @@ def peak_bytes(fn: Callable[[], object]) -> int:
     return meter.peak
 
 
-def time_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Best wall time of ``repeats`` calls, in ms, after one warm-up call."""
+def _timings(fn: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
+    """Wall times (s) of ``repeats`` calls, after one warm-up call, waiting for the device."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     fn()
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         sync()
         start = time.perf_counter()
         fn()
         sync()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def time_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Best wall time of ``repeats`` calls, in ms, after one warm-up call."""
+    return min(_timings(fn, repeats, device)) * 1e3
 
 
 @dataclass
@@ -201,16 +206,8 @@ class ModelResult:
 
 def _samples_per_second(step: Callable[[], object], batch: int, repeats: int, device: torch.device) -> float:
     """Median throughput over ``repeats`` timed calls, after one warm-up call."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    step()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return batch / sorted(times)[len(times) // 2]
+    times = sorted(_timings(step, repeats, device))
+    return batch / times[len(times) // 2]
 
 
 def _inference_step(model: torch.nn.Module, x: torch.Tensor, autocast: torch.dtype | None):
