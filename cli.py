@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -118,22 +119,24 @@ def bench(
         )
     table = Table(
         title=f"Dcls2d forward+backward: batch {batch}, kernel {kernel}, count {count}, {version}, {device}",
-        caption="ref = DCLS 0.1.1; 7x7 = dense depthwise 7x7 conv; memory = kernel construction peak",
+        caption="ms: ours; ref: DCLS 0.1.1; 7x7: a dense depthwise 7x7 conv; MiB: our kernel construction's peak",
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
     )
-    headings = ("layer", "algorithm", "ours ms", "ref ms", "ref/ours", "7x7 ms", "ours/7x7", "memory ours/ref")
-    for heading in headings:
+    for heading in ("layer", "algorithm", "ms", "ref ms", "ref/ours", "7x7 ms", "ms/7x7", "MiB", "MiB/ref"):
         table.add_column(heading, justify="right", no_wrap=True)
     for r in results:
         missing = r.reference_ms is None
         table.add_row(
-            f"{r.channels}ch {r.height}x{r.width}",
+            f"{r.channels}x{r.height}x{r.width}",
             r.algorithm,
             f"{r.ours_ms:.1f}",
             "-" if missing else f"{r.reference_ms:.1f}",
             "-" if missing else f"{r.speedup:.1f}x",
             f"{r.dense7_ms:.1f}",
             f"{r.vs_dense7:.2f}x",
-            f"{r.ours_kernel_bytes / 2**20:.1f} MiB" + ("" if missing else f" / {r.memory_ratio:.3f}"),
+            f"{r.ours_kernel_bytes / 2**20:.1f}",
+            "-" if missing else f"{r.memory_ratio:.3f}",
         )
     console.print(table)
     if reference and results and results[0].reference_ms is None:

@@ -45,40 +45,91 @@ _NORM_EPS = 1e-7  # in the normaliser, as the reference: an element pushed off t
 EXPONENT_FLOOR = -40.0
 
 
-class _Gaussian(torch.autograd.Function):
-    """exp(-((grid - centre) / (|sigma| + 0.27))^2 / 2) for every element, (..., len(grid)),
-    with a hand-written backward: a third of the passes over (elements x window) that
-    autograd would make."""
+def _profiles(centre: Tensor, sigma: Tensor | None, size: int) -> tuple[Tensor, Tensor]:
+    """Every element's unnormalised profile along one axis, (..., size), and the offsets
+    that its backward needs: ``(grid - centre) / std`` (Gaussian) or ``grid - centre`` (bilinear)."""
+    grid = torch.arange(size, device=centre.device, dtype=centre.dtype)
+    if sigma is None:  # bilinear
+        offset = grid - centre.unsqueeze(-1)
+        return (1 - offset.abs()).relu_(), offset
+    inverse_std = (sigma.abs() + SIGMA_FLOOR).reciprocal_().unsqueeze(-1)
+    scaled = torch.addcmul(-centre.unsqueeze(-1) * inverse_std, grid, inverse_std)
+    exponent = torch.addcmul(scaled.new_zeros(()), scaled, scaled, value=-0.5)
+    # exp() of very negative numbers, and products of its results, pass through denormals,
+    # 40x slower on CPUs: the profile is lowered by e^-40 and is exactly 0 below it (the
+    # reference's 1e-7 in the normaliser already makes such elements vanish).
+    return exponent.clamp_(min=EXPONENT_FLOOR).exp_().sub_(math.exp(EXPONENT_FLOOR)), scaled
+
+
+def _profiles_backward(grad: Tensor, profile: Tensor, offset: Tensor, sigma: Tensor | None):
+    """Gradients of the centres and sigmas from the gradient of the profiles."""
+    if sigma is None:  # d/dcentre relu(1 - |grid - centre|) = sign(grid - centre) where positive
+        return (grad * offset.sign()).masked_fill_(profile == 0, 0).sum(-1), None
+    # d profile / d centre = scaled * profile / std; d profile / d std = scaled^2 * profile / std
+    inverse_std = (sigma.abs() + SIGMA_FLOOR).reciprocal_()
+    grad_scaled = grad.mul_(profile).mul_(offset)
+    grad_centre = grad_scaled.sum(-1) * inverse_std
+    return grad_centre, grad_scaled.mul_(offset).sum(-1) * inverse_std * sigma.sign()
+
+
+def _batched_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """(N, m, k) @ (N, k, n) for many small matrices."""
+    if a.is_cuda:
+        return torch.bmm(a, b)
+    # as a grouped 1x1 conv: several times faster on CPU than bmm of small matrices
+    batch, m, k = a.shape
+    out = F.conv1d(b.reshape(1, batch * k, -1), a.reshape(batch * m, k, 1), groups=batch)
+    return out.view(batch, m, -1)
+
+
+class _DclsKernel(torch.autograd.Function):
+    """The cropped dense kernel from (weight, P, SIG), with one hand-written backward: on a
+    GPU each autograd node is a kernel launch, and on a CPU each a pass over memory."""
 
     @staticmethod
-    def forward(ctx, centre: Tensor, sigma: Tensor, grid: Tensor) -> Tensor:
-        inverse_std = (sigma.abs() + SIGMA_FLOOR).reciprocal_()
-        scaled = torch.addcmul((-centre * inverse_std).unsqueeze(-1), grid, inverse_std.unsqueeze(-1))
-        exponent = scaled.square().mul_(-0.5)
-        # exp() of very negative numbers, and products of its results, pass through
-        # denormals, 40x slower on CPUs: below e^-40 the profile is exactly 0 (the
-        # reference's 1e-7 in the normaliser already makes such elements vanish).
-        profile = torch.where(exponent > EXPONENT_FLOOR, exponent.clamp_(min=EXPONENT_FLOOR).exp_(), 0.0)
-        ctx.save_for_backward(scaled, profile, inverse_std, sigma)
-        return profile
+    def forward(ctx, weight, P, SIG, kernel_size, rows, cols):
+        kh, kw = kernel_size
+        cout, cin_per_group, count = weight.shape
+        pairs = cout * cin_per_group
+        # both axes at once ([0]: columns, [1]: rows), over the larger window
+        centre = P + kh // 2 if kh == kw else torch.stack((P[0] + kw // 2, P[1] + kh // 2))
+        profile, offset = _profiles(centre, SIG, max(kh, kw))
+        if kh != kw:  # the shorter axis's profile ends with its window
+            profile[int(kh < kw), ..., min(kh, kw) :] = 0
+        # An element's 2-D profile rows x cols sums to rows.sum() * cols.sum() over the window.
+        sums = profile.sum(-1)
+        normaliser = sums[0] * sums[1] + _NORM_EPS
+        scale = weight / normaliser
+        col_crop, row_crop = profile[0, ..., cols], profile[1, ..., rows]
+        scaled_rows = (scale.unsqueeze(-1) * row_crop).reshape(pairs, count, -1)
+        # kernel[h, w] = sum_n scale[n] rows[n, h] cols[n, w] for every channel pair
+        kernel = _batched_matmul(scaled_rows.transpose(1, 2), col_crop.reshape(pairs, count, -1))
+        ctx.save_for_backward(profile, offset, SIG, sums, normaliser, scale)
+        ctx.crops = rows, cols
+        return kernel.view(cout, cin_per_group, *kernel.shape[1:])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
-        scaled, profile, inverse_std, sigma = ctx.saved_tensors
-        # d profile / d centre = scaled * profile / std; d profile / d std = scaled^2 * profile / std
-        grad_scaled = grad * profile * scaled
-        grad_centre = grad_scaled.sum(-1) * inverse_std
-        grad_sigma = grad_scaled.mul_(scaled).sum(-1) * inverse_std * sigma.sign()
-        return grad_centre, grad_sigma, None
-
-
-def _profiles(centre: Tensor, sigma: Tensor | None, size: int) -> Tensor:
-    """One axis of every element's unnormalised profile over a window of ``size``: (..., count, size)."""
-    grid = torch.arange(size, device=centre.device, dtype=centre.dtype)
-    if sigma is None:  # bilinear
-        return (1 - (grid - centre.unsqueeze(-1)).abs()).relu()
-    return _Gaussian.apply(centre, sigma, grid)
+    def backward(ctx, grad):
+        profile, offset, SIG, sums, normaliser, scale = ctx.saved_tensors
+        rows, cols = ctx.crops
+        cout, cin_per_group, count = scale.shape
+        pairs = cout * cin_per_group
+        col_crop, row_crop = profile[0, ..., cols], profile[1, ..., rows]
+        grad = grad.reshape(pairs, *grad.shape[2:])
+        scaled_rows = (scale.unsqueeze(-1) * row_crop).reshape(pairs, count, -1)
+        grad_scaled_rows = _batched_matmul(grad, col_crop.reshape(pairs, count, -1).transpose(1, 2))
+        grad_col_crop = _batched_matmul(scaled_rows, grad).view_as(col_crop)
+        grad_scaled_rows = grad_scaled_rows.transpose(1, 2).reshape(row_crop.shape)
+        grad_scale = (grad_scaled_rows * row_crop).sum(-1)
+        grad_normaliser = -grad_scale * scale / normaliser
+        # each profile tap reaches the loss through its axis's sum and, inside the crop, the kernel
+        grad_sums = torch.stack((grad_normaliser * sums[1], grad_normaliser * sums[0]))
+        grad_profile = grad_sums.unsqueeze(-1).expand_as(profile).contiguous()
+        grad_profile[0, ..., cols] += grad_col_crop
+        grad_profile[1, ..., rows] += grad_scaled_rows.mul_(scale.unsqueeze(-1))
+        grad_centre, grad_sigma = _profiles_backward(grad_profile, profile, offset, SIG)
+        return grad_scale / normaliser, grad_centre, grad_sigma, None, None, None
 
 
 def dcls_kernel(
@@ -96,23 +147,12 @@ def dcls_kernel(
     sub-pixel positions.
     """
     kh, kw = kernel_size
-    cout, cin_per_group, count = weight.shape
-    pairs = cout * cin_per_group
+    if rows.step not in (None, 1) or cols.step not in (None, 1):
+        raise ValueError("rows and cols must be contiguous slices")
+    rows = slice(rows.start or 0, kh if rows.stop is None else rows.stop)
+    cols = slice(cols.start or 0, kw if cols.stop is None else cols.stop)
     with torch.autocast(weight.device.type, enabled=False):
-        row_profiles = _profiles(P[1] + kh // 2, None if SIG is None else SIG[1], kh)
-        col_profiles = _profiles(P[0] + kw // 2, None if SIG is None else SIG[0], kw)
-        # An element's 2-D profile rows x cols sums to rows.sum() * cols.sum() over the window.
-        scale = weight / (row_profiles.sum(-1) * col_profiles.sum(-1) + _NORM_EPS)
-        # only the taps asked for, once the normalisers are known
-        row_profiles, col_profiles = row_profiles[..., rows], col_profiles[..., cols]
-        kh, kw = row_profiles.shape[-1], col_profiles.shape[-1]
-        # kernel[h, w] = sum_n scale[n] rows[n, h] cols[n, w] for every channel pair: a grouped
-        # 1x1 conv, several times faster on CPU than a batched matmul of small matrices
-        scaled_rows = (scale.unsqueeze(-1) * row_profiles).reshape(pairs, count, kh).transpose(1, 2)
-        kernel = F.conv1d(
-            col_profiles.reshape(1, pairs * count, kw), scaled_rows.reshape(pairs * kh, count, 1), groups=pairs
-        )
-        return kernel.view(cout, cin_per_group, kh, kw)
+        return _DclsKernel.apply(weight, P, SIG, (kh, kw), rows, cols)
 
 
 def dcls_conv2d(

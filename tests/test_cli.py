@@ -5,20 +5,28 @@ import subprocess
 import sys
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from dclsify import __version__
+from dclsify import cli
 from dclsify.cli import app
 
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    """Tables and errors unwrapped, whatever COLUMNS the shell exported (rich reads it once, at import)."""
+    monkeypatch.setattr(cli, "console", Console(width=300))
+
+
 def test_bench_prints_a_table_and_writes_json(tmp_path):
     out = tmp_path / "results" / "bench.json"
     args = ["bench", "--shapes", "8x10x9,16x5x4", "--batch", "2", "--repeats", "1", "--json", str(out)]
-    result = runner.invoke(app, args, env={"COLUMNS": "160"})
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "8ch 10x9" in result.output and "16ch 5x4" in result.output
+    assert "8x10x9" in result.output and "16x5x4" in result.output
     rows = json.loads(out.read_text())
     assert [(r["channels"], r["height"], r["width"]) for r in rows] == [(8, 10, 9), (16, 5, 4)]
     for row in rows:
@@ -39,7 +47,7 @@ def test_bench_user_errors_are_one_line_and_non_zero():
         (["--device", "meta"], "unknown device 'meta'"),
         (["--device", "cuda:7"], "--device cuda"),
     ]:
-        result = runner.invoke(app, ["bench", *args], env={"COLUMNS": "200"})
+        result = runner.invoke(app, ["bench", *args])
         assert result.exit_code != 0, args
         assert expected in result.output, result.output
         assert "Traceback" not in result.output
@@ -53,7 +61,7 @@ def test_python_dash_m_and_version():
 def test_convert_summarises_and_writes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "atto.safetensors"
     args = ["convert", "timm:convnext_atto", "--kernel", "11", "--count", "9", "--num-classes", "7", "-o", str(out)]
-    result = runner.invoke(app, args, env={"COLUMNS": "160"})
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "12 depthwise convs replaced by Dcls2d 11x11/9" in result.output
     assert "64x62" in result.output and "8x7" in result.output  # stage map sizes
@@ -67,7 +75,7 @@ def test_convert_summarises_and_writes_a_loadable_checkpoint(tmp_path):
 
 def test_convert_no_dcls_is_the_baseline(tmp_path):
     out = tmp_path / "dsc.safetensors"
-    result = runner.invoke(app, ["convert", "convnext_atto", "--no-dcls", "-o", str(out)], env={"COLUMNS": "160"})
+    result = runner.invoke(app, ["convert", "convnext_atto", "--no-dcls", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "depthwise convs replaced" not in result.output and out.exists()
 
@@ -83,7 +91,7 @@ def test_convert_errors_are_one_line_and_write_nothing(tmp_path):
         ([__file__], "is a file, not a model name"),
     ]
     for args, expected in cases:
-        result = runner.invoke(app, ["convert", *args, "-o", str(tmp_path / "x.safetensors")], env={"COLUMNS": "300"})
+        result = runner.invoke(app, ["convert", *args, "-o", str(tmp_path / "x.safetensors")])
         assert result.exit_code == 1, (args, result.output)
         assert expected in result.output and "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []
@@ -94,7 +102,7 @@ def test_convert_errors_are_one_line_and_write_nothing(tmp_path):
 
 
 def test_diff_table_unified_and_json():
-    table = runner.invoke(app, ["diff", "timm:fastvit_t8"], env={"COLUMNS": "200"})
+    table = runner.invoke(app, ["diff", "timm:fastvit_t8"])
     assert table.exit_code == 0, table.output
     assert "removed" in table.output and "added" in table.output and "Dcls2d" in table.output
     assert "7x7 -> 23x23" in table.output
@@ -113,7 +121,7 @@ def test_diff_table_unified_and_json():
 
 
 def test_models_lists_the_families():
-    result = runner.invoke(app, ["models"], env={"COLUMNS": "250"})
+    result = runner.invoke(app, ["models"])
     assert result.exit_code == 0, result.output
     for family in ("convnext", "metaformer", "fastvit", "mambaout", "rdnet", "starnet", "convmixer", "edgenext"):
         assert family in result.output
@@ -128,7 +136,7 @@ def test_bench_model_compares_dcls_with_its_dsc_twin(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "bench_model", lambda *a, **k: real(*a, **k, input_size=(64, 160)))
     out = tmp_path / "model.json"
     args = ["bench-model", "--model", "timm:convnext_atto", "--batch", "1", "--repeats", "1", "--json", str(out)]
-    result = runner.invoke(app, args, env={"COLUMNS": "160"})
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "inference (baked)" in result.output and "training step" in result.output
     data = json.loads(out.read_text())
@@ -136,7 +144,7 @@ def test_bench_model_compares_dcls_with_its_dsc_twin(tmp_path, monkeypatch):
     for key in ("dsc_inference", "dcls_inference", "dsc_training", "dcls_training"):
         assert data[key] > 0
     assert data["training_ratio"] == pytest.approx(data["dcls_training"] / data["dsc_training"])
-    missing = runner.invoke(app, ["bench-model", "--model", "timm:convnext_tny"], env={"COLUMNS": "200"})
+    missing = runner.invoke(app, ["bench-model", "--model", "timm:convnext_tny"])
     assert missing.exit_code == 1 and "unknown timm model" in missing.output
 
 
@@ -147,18 +155,18 @@ def test_diff_of_a_checkpoint_against_its_source(tmp_path):
     assert data["model"] == "ConvNeXt" and len([c for c in data["changes"] if c["after"] == "Dcls2d"]) == 12
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a checkpoint")
-    result = runner.invoke(app, ["diff", str(broken)], env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["diff", str(broken)])
     assert result.exit_code == 1 and "not a readable safetensors file" in result.output
 
 
 def test_convert_keeping_the_stem_and_head_and_unwritable_json(tmp_path):
     out = tmp_path / "kept.safetensors"
     args = ["convert", "timm:convnext_atto", "--stem", "none", "--num-classes", "0", "-o", str(out)]
-    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "output on (1, 3, 128, 1001): (1, 1000)" in result.output and "classifier: kept" in result.output
     blocker = tmp_path / "blocker"
     blocker.write_text("")
     json_args = ["bench", "--shapes", "4x8x8", "--no-reference", "--repeats", "1", "--json", str(blocker / "x.json")]
-    result = runner.invoke(app, json_args, env={"COLUMNS": "200"})
+    result = runner.invoke(app, json_args)
     assert result.exit_code == 1 and "cannot write" in result.output and "Traceback" not in result.output

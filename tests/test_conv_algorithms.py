@@ -22,19 +22,19 @@ CASES = [
 def _reference_and_grads(x, w, b, stride, padding, groups, **kwargs):
     x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
     y = kwargs.pop("fn", F.conv2d)(x, w, b, stride, padding, groups=groups, **kwargs)
-    grad = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    grad = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)
     y.backward(grad)
     return y, x.grad, w.grad, b.grad
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"g{c[3]}-k{c[4][0]}x{c[4][1]}-s{c[5]}-m{c[7][0]}x{c[7][1]}")
-def test_algorithm_matches_dense_conv(algorithm, case):
+def test_algorithm_matches_dense_conv(algorithm, case, device):
     batch, cin, cout, groups, kernel, stride, padding, size = case
     torch.manual_seed(0)
-    x = torch.randn(batch, cin, *size, dtype=torch.float64)
-    w = torch.randn(cout, cin // groups, *kernel, dtype=torch.float64)
-    b = torch.randn(cout, dtype=torch.float64)
+    x = torch.randn(batch, cin, *size, dtype=torch.float64, device=device)
+    w = torch.randn(cout, cin // groups, *kernel, dtype=torch.float64, device=device)
+    b = torch.randn(cout, dtype=torch.float64, device=device)
     expected = _reference_and_grads(x, w, b, stride, padding, groups)
     if algorithm == "toeplitz" and cin // groups != 1:
         with pytest.raises(ValueError, match="toeplitz"):
@@ -96,7 +96,7 @@ def test_unknown_algorithm_is_a_clear_error():
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_random_geometries_match_dense_conv(seed):
+def test_random_geometries_match_dense_conv(seed, device):
     # Crops, wrap-arounds and strides meet in many ways: sizes, paddings and strides at random.
     generator = torch.Generator().manual_seed(seed)
 
@@ -107,14 +107,15 @@ def test_random_geometries_match_dense_conv(seed):
     padding = (draw(0, 14), draw(0, 14))
     stride = (draw(1, 3), draw(1, 3))
     size = tuple(max(draw(1, 12), k - 2 * p) for k, p in zip(kernel, padding, strict=True))
-    x = torch.randn(2, 3, *size, dtype=torch.float64, generator=generator)
-    w = torch.randn(3, 1, *kernel, dtype=torch.float64, generator=generator)
-    expected = _reference_and_grads(x, w, torch.zeros(3, dtype=torch.float64), stride, padding, 3)
+    x = torch.randn(2, 3, *size, dtype=torch.float64, generator=generator).to(device)
+    w = torch.randn(3, 1, *kernel, dtype=torch.float64, generator=generator).to(device)
+    bias = torch.zeros(3, dtype=torch.float64, device=device)
+    expected = _reference_and_grads(x, w, bias, stride, padding, 3)
     for algorithm in ("fft", "toeplitz", "direct"):
         got = _reference_and_grads(
             x,
             w,
-            torch.zeros(3, dtype=torch.float64),
+            bias,
             stride,
             padding,
             3,

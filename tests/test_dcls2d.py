@@ -175,11 +175,11 @@ def test_cuda_matches_cpu(algorithm):
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
 @pytest.mark.parametrize("algorithm", ["direct", "channels_last", "fft", "toeplitz"])
-def test_autocast(algorithm, dtype, tolerance):
-    layer = _layer(channels=16, kernel=23, count=26, algorithm=algorithm)
-    x = torch.randn(2, 16, 10, 9)
+def test_autocast(algorithm, dtype, tolerance, device):
+    layer = _layer(channels=16, kernel=23, count=26, algorithm=algorithm).to(device)
+    x = torch.randn(2, 16, 10, 9).to(device)
     expected = layer(x)
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(device.type, dtype=dtype):
         y = layer(x)
     assert y.dtype == dtype
     torch.testing.assert_close(y.float(), expected, rtol=0, atol=tolerance * expected.abs().max().item())
@@ -203,10 +203,10 @@ def test_symbolic_trace_keeps_the_operator_whole():
     assert [n.target for n in graph.nodes if n.op == "call_module"] == ["0", "1"]
 
 
-def test_torch_compile_gives_the_same_outputs_and_gradients():
-    model = torch.nn.Sequential(_layer(), torch.nn.GELU())
+def test_torch_compile_gives_the_same_outputs_and_gradients(device):
+    model = torch.nn.Sequential(_layer(), torch.nn.GELU()).to(device)
     compiled = torch.compile(model)
-    x = torch.randn(2, 8, 10, 9, requires_grad=True)
+    x = torch.randn(2, 8, 10, 9, device=device, requires_grad=True)
     y = compiled(x)
     torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)
     y.sum().backward()

@@ -35,19 +35,19 @@ def _reference_layer(**kwargs):
 def _assert_parity(kwargs, x, algorithm="auto", position_range=1.0):
     """Outputs and gradients agree, with positions spread over ``position_range`` times the window."""
     torch.manual_seed(0)
-    ref = _reference_layer(**kwargs)
+    ref = _reference_layer(**kwargs).to(x.device)
     with torch.no_grad():  # positions spread over the window and sigmas of both signs, not just the init
         limit = position_range * (ref.dilated_kernel_size[0] // 2)
         ref.P.uniform_(-limit, limit)
         if ref.SIG is not None:
             ref.SIG.uniform_(-1.0, 1.0)
-    ours = Dcls2d(**kwargs, algorithm=algorithm)
+    ours = Dcls2d(**kwargs, algorithm=algorithm).to(x.device)
     ours.load_state_dict(ref.state_dict())
     results = []
     for layer in (ref, ours):
         xi = x.detach().clone().requires_grad_()
         y = layer(xi)
-        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        y.backward(torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y))
         results.append([y, xi.grad] + [p.grad for p in layer.parameters()])
     names = ["output", "input grad"] + [name for name, _ in ours.named_parameters()]
     for name, expected, got in zip(names, *results, strict=True):
@@ -57,7 +57,7 @@ def _assert_parity(kwargs, x, algorithm="auto", position_range=1.0):
 
 @pytest.mark.parametrize("version", ["gauss", "v1"])
 @pytest.mark.parametrize("case", DEPTHWISE, ids=lambda c: f"c{c[0]}-k{c[1]}-n{c[2]}-s{c[3]}-b{int(c[4])}-B{c[5]}")
-def test_depthwise_matches_reference(version, case):
+def test_depthwise_matches_reference(version, case, device):
     channels, kernel, count, stride, bias, batch, size = case
     kwargs = dict(
         in_channels=channels,
@@ -71,17 +71,17 @@ def test_depthwise_matches_reference(version, case):
         version=version,
     )
     torch.manual_seed(1)
-    _assert_parity(kwargs, torch.randn(batch, channels, *size))
+    _assert_parity(kwargs, torch.randn(batch, channels, *size).to(device))
 
 
 @pytest.mark.parametrize("version", ["gauss", "v1"])
 @pytest.mark.parametrize("algorithm", ["direct", "channels_last", "fft", "toeplitz"])
-def test_every_algorithm_matches_reference(version, algorithm):
+def test_every_algorithm_matches_reference(version, algorithm, device):
     kwargs = dict(
         in_channels=32, out_channels=32, kernel_count=26, padding=11, dilated_kernel_size=23, groups=32, version=version
     )
     torch.manual_seed(2)
-    _assert_parity(kwargs, torch.randn(2, 32, 12, 11), algorithm)
+    _assert_parity(kwargs, torch.randn(2, 32, 12, 11).to(device), algorithm)
 
 
 @pytest.mark.parametrize("version", ["gauss", "v1"])
