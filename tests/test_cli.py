@@ -8,8 +8,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from dclsify import __version__
-from dclsify import cli
+from dclsify import __version__, cli
 from dclsify.cli import app
 
 runner = CliRunner()
