@@ -131,10 +131,14 @@ def _construct_and_backward(construct: Callable[[], torch.Tensor]) -> None:
 
 
 def _forward_backward(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    # a dense output gradient, as a layer inside a network gets: sum()'s is a broadcast
+    # view, which sends some backward kernels down slow paths
+    grad = torch.randn_like(x)
+
     def step() -> None:
         module.zero_grad(set_to_none=True)
         x.grad = None
-        module(x).sum().backward()
+        module(x).backward(grad)
 
     return step
 

@@ -13,15 +13,15 @@ profile normalised to sum 1:
 
 Both profiles are separable: an element is the outer product of a row profile
 and a column profile, its normaliser the product of their sums, and the kernel a
-sum of ``count`` outer products per channel pair, computed as one grouped 1x1
-convolution. Nothing of size ``C x count x kernel^2`` is ever built.
+sum of ``count`` outer products per channel pair: one batched matrix product.
+Nothing of size ``C x count x kernel^2`` is ever built.
 
 Axis convention (as the reference ``DCLS`` package): ``P[0]`` and ``SIG[0]`` run
 along the kernel's width (last) axis, ``P[1]`` and ``SIG[1]`` along its height. For a
 non-square window the reference centres and clamps ``P[0]`` by the *height*; here each
 axis uses its own size, so non-square layers differ from it on purpose.
 
-Gradients are first-order only (the Gaussian and the FFT have hand-written backwards):
+Gradients are first-order only (the kernel construction and the FFT have hand-written backwards):
 double backward, e.g. a gradient penalty, is not supported.
 """
 
@@ -32,7 +32,6 @@ import math
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .conv import ALGORITHMS, PADDING_MODES, _pair, conv_plan, large_kernel_conv2d, planned_conv2d
@@ -72,16 +71,6 @@ def _profiles_backward(grad: Tensor, profile: Tensor, offset: Tensor, sigma: Ten
     return grad_centre, grad_scaled.mul_(offset).sum(-1) * inverse_std * sigma.sign()
 
 
-def _batched_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """(N, m, k) @ (N, k, n) for many small matrices."""
-    if a.is_cuda:
-        return torch.bmm(a, b)
-    # as a grouped 1x1 conv: several times faster on CPU than bmm of small matrices
-    batch, m, k = a.shape
-    out = F.conv1d(b.reshape(1, batch * k, -1), a.reshape(batch * m, k, 1), groups=batch)
-    return out.view(batch, m, -1)
-
-
 class _DclsKernel(torch.autograd.Function):
     """The cropped dense kernel from (weight, P, SIG), with one hand-written backward: on a
     GPU each autograd node is a kernel launch, and on a CPU each a pass over memory."""
@@ -103,7 +92,7 @@ class _DclsKernel(torch.autograd.Function):
         col_crop, row_crop = profile[0, ..., cols], profile[1, ..., rows]
         scaled_rows = (scale.unsqueeze(-1) * row_crop).reshape(pairs, count, -1)
         # kernel[h, w] = sum_n scale[n] rows[n, h] cols[n, w] for every channel pair
-        kernel = _batched_matmul(scaled_rows.transpose(1, 2), col_crop.reshape(pairs, count, -1))
+        kernel = torch.bmm(scaled_rows.transpose(1, 2), col_crop.reshape(pairs, count, -1))
         ctx.save_for_backward(profile, offset, SIG, sums, normaliser, scale)
         ctx.crops = rows, cols
         return kernel.view(cout, cin_per_group, *kernel.shape[1:])
@@ -118,8 +107,8 @@ class _DclsKernel(torch.autograd.Function):
         col_crop, row_crop = profile[0, ..., cols], profile[1, ..., rows]
         grad = grad.reshape(pairs, *grad.shape[2:])
         scaled_rows = (scale.unsqueeze(-1) * row_crop).reshape(pairs, count, -1)
-        grad_scaled_rows = _batched_matmul(grad, col_crop.reshape(pairs, count, -1).transpose(1, 2))
-        grad_col_crop = _batched_matmul(scaled_rows, grad).view_as(col_crop)
+        grad_scaled_rows = torch.bmm(grad, col_crop.reshape(pairs, count, -1).transpose(1, 2))
+        grad_col_crop = torch.bmm(scaled_rows, grad).view_as(col_crop)
         grad_scaled_rows = grad_scaled_rows.transpose(1, 2).reshape(row_crop.shape)
         grad_scale = (grad_scaled_rows * row_crop).sum(-1)
         grad_normaliser = -grad_scale * scale / normaliser
