@@ -39,6 +39,29 @@ def test_kernel_is_the_sum_of_normalised_gaussians():
     torch.testing.assert_close(got, _dense_gaussian_kernel(weight, P, SIG, 9, 11), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("gaussian", [True, False], ids=["gauss", "v1"])
+@pytest.mark.parametrize(
+    "kernel_size, rows, cols",
+    [((9, 9), slice(None), slice(None)), ((9, 9), slice(2, 7), slice(1, 9)), ((7, 10), slice(1, 6), slice(3, 10))],
+)
+def test_kernel_backward_matches_finite_differences(gaussian, kernel_size, rows, cols):
+    # the kernel's backward is written by hand: check it against the definition's derivatives
+    torch.manual_seed(0)
+    weight = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    P = torch.empty(2, 3, 2, 4, dtype=torch.float64).uniform_(-5, 5).requires_grad_()  # some off the edge
+    SIG = torch.empty(2, 3, 2, 4, dtype=torch.float64).uniform_(-1, 1).requires_grad_() if gaussian else None
+    inputs = (weight, P) + ((SIG,) if gaussian else ())
+
+    def kernel(*params):
+        return dcls_kernel(params[0], params[1], params[2] if gaussian else None, kernel_size, rows, cols)
+
+    assert torch.autograd.gradcheck(kernel, inputs)
+    if gaussian:
+        torch.testing.assert_close(
+            kernel(*inputs), _dense_gaussian_kernel(weight, P, SIG, *kernel_size)[..., rows, cols], rtol=0, atol=1e-12
+        )
+
+
 def test_position_axes_follow_the_reference_convention():
     # P[0] moves an element along the width (last) axis, P[1] along the height.
     weight = torch.ones(1, 1, 1)
