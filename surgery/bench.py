@@ -133,7 +133,8 @@ def _construct_and_backward(construct: Callable[[], torch.Tensor]) -> None:
 def _forward_backward(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
     # a dense output gradient, as a layer inside a network gets: sum()'s is a broadcast
     # view, which sends some backward kernels down slow paths
-    grad = torch.randn_like(x)
+    with torch.no_grad():
+        grad = torch.randn_like(module(x))
 
     def step() -> None:
         module.zero_grad(set_to_none=True)

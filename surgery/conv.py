@@ -260,12 +260,11 @@ def _toeplitz(x: Tensor, w: Tensor, plan: _Plan, groups: int) -> Tensor:
     taps = torch.cat([w.reshape(cout, kh * kw), w.new_zeros(cout, 1)], dim=1)
     # gather, not indexing: its backward is a scatter-add, many times faster than index_put
     matrices = taps.gather(1, index.view(1, -1).expand(cout, -1))  # (Cout, Ho*Wo * H*W)
-    x = x.reshape(batch, cin, height * width)
-    if cout != cin:
-        x = x.repeat_interleave(cout // cin, dim=1)
-    # y[b, c] = matrices[c] @ x[b, c] for every channel, the batch as the matrices' columns
-    y = torch.bmm(matrices.view(cout, -1, height * width), x.permute(1, 2, 0))  # (Cout, Ho*Wo, B)
-    return y.permute(2, 0, 1).reshape(batch, cout, *plan.out_size)
+    # y[b, o] = matrices[o] @ x[b, c] for every output channel o of input channel c, the
+    # batch as the matrices' columns: the outputs of one input are stacked rows of one product
+    columns = x.reshape(batch, cin, height * width).permute(1, 2, 0)  # (Cin, H*W, B)
+    y = torch.bmm(matrices.view(cin, -1, height * width), columns)  # (Cin, Cout/Cin * Ho*Wo, B)
+    return y.view(cout, -1, batch).permute(2, 0, 1).reshape(batch, cout, *plan.out_size)
 
 
 _KERNELS = {"direct": _direct, "channels_last": _channels_last, "fft": _fft, "toeplitz": _toeplitz}

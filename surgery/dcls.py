@@ -100,6 +100,11 @@ class _DclsKernel(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        with torch.autocast(grad.device.type, enabled=False):  # as the forward: in the parameters' dtype
+            return _DclsKernel._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         profile, offset, SIG, sums, normaliser, scale = ctx.saved_tensors
         rows, cols = ctx.crops
         cout, cin_per_group, count = scale.shape
@@ -121,6 +126,21 @@ class _DclsKernel(torch.autograd.Function):
         return grad_scale / normaliser, grad_centre, grad_sigma, None, None, None
 
 
+def _span(taps: slice, size: int) -> slice:
+    """``taps`` as slice(start, stop) within range(size), as indexing would read it
+    (``slice.indices`` is not traceable by torch.compile)."""
+    if taps.step not in (None, 1):
+        raise ValueError(f"rows and cols must be contiguous slices, got {taps}")
+
+    def bound(index: int | None, default: int) -> int:
+        if index is None:
+            return default
+        return min(max(index + size if index < 0 else index, 0), size)
+
+    start = bound(taps.start, 0)
+    return slice(start, max(start, bound(taps.stop, size)))
+
+
 def dcls_kernel(
     weight: Tensor,
     P: Tensor,
@@ -136,10 +156,7 @@ def dcls_kernel(
     sub-pixel positions.
     """
     kh, kw = kernel_size
-    if rows.step not in (None, 1) or cols.step not in (None, 1):
-        raise ValueError("rows and cols must be contiguous slices")
-    rows = slice(rows.start or 0, kh if rows.stop is None else rows.stop)
-    cols = slice(cols.start or 0, kw if cols.stop is None else cols.stop)
+    rows, cols = _span(rows, kh), _span(cols, kw)
     with torch.autocast(weight.device.type, enabled=False):
         return _DclsKernel.apply(weight, P, SIG, (kh, kw), rows, cols)
 

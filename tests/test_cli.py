@@ -34,6 +34,8 @@ def test_bench_prints_a_table_and_writes_json(tmp_path):
         if row["reference_ms"] is not None:  # with the oracle installed: faster and far leaner
             assert row["speedup"] > 1 and 0 < row["memory_ratio"] < 0.1
     assert [p.name for p in out.parent.iterdir()] == ["bench.json"]  # no temporary left behind
+    even = ["bench", "--shapes", "4x6x5", "--kernel", "4", "--count", "5", "--batch", "1", "--repeats", "1"]
+    assert runner.invoke(app, even).exit_code == 0  # an even kernel: the output is one larger than the input
 
 
 def test_bench_user_errors_are_one_line_and_non_zero():
