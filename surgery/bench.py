@@ -132,14 +132,17 @@ def _construct_and_backward(construct: Callable[[], torch.Tensor]) -> None:
 
 def _forward_backward(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
     # a dense output gradient, as a layer inside a network gets: sum()'s is a broadcast
-    # view, which sends some backward kernels down slow paths
-    with torch.no_grad():
-        grad = torch.randn_like(module(x))
+    # view, which sends some backward kernels down slow paths. Drawn at the first (warm-up)
+    # call, whose output gives its shape.
+    grads = []
 
     def step() -> None:
         module.zero_grad(set_to_none=True)
         x.grad = None
-        module(x).backward(grad)
+        y = module(x)
+        if not grads:
+            grads.append(torch.randn_like(y))
+        y.backward(grads[0])
 
     return step
 
