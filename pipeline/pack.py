@@ -192,7 +192,9 @@ def pack(
         if workers is None:
             workers = os.cpu_count() or 1
         if workers > 0 and len(todo) > 1:
-            pool = multiprocessing.get_context("spawn").Pool(min(workers, len(todo)), initializer=_quiet_worker)
+            # fork, as DataLoader's workers: no re-import of torch or of the caller's __main__ per worker
+            context = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            pool = multiprocessing.get_context(context).Pool(min(workers, len(todo)), initializer=_quiet_worker)
             results = pool.imap(_call_decode, ((p, audio) for p in paths), chunksize=8)
         else:
             results = (_decode_or_reason(p, audio) for p in paths)
