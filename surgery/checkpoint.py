@@ -6,6 +6,7 @@ import difflib
 import importlib.util
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from .dcls import LargeKernelConv2d
@@ -57,12 +58,79 @@ def _from_file(source: str, **model_kwargs) -> nn.Module:
     return getattr(module, factory)(**model_kwargs)
 
 
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, on the CPU, unpickling nothing but tensors.
+
+    A ``.safetensors`` file is read with safetensors; anything else (``.pth``, ``.bin``,
+    ``.pt``) with ``torch.load(weights_only=True)``, which refuses a file that needs more
+    than tensors and plain containers (one that would run code as it unpickles). A
+    training checkpoint holding its state dict under ``"state_dict"`` or ``"model"`` works.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no such weights file: {path}")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's weights-only unpickler stops, running nothing, at the first thing that is not plain data
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "")
+        if "GLOBAL" not in reason:
+            raise CheckpointError(f"{path} is not a readable PyTorch weights file ({reason})") from None
+        raise CheckpointError(
+            f"{path} holds pickled Python objects, not only tensors, and unpickling them could run code: "
+            f"refused ({reason}); if you trust it, load it yourself and save its state dict with safetensors"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as error:
+        detail = " ".join(str(error).split())[:200] or type(error).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch weights file ({detail})") from None
+    if isinstance(loaded, dict):
+        loaded = next((loaded[k] for k in ("state_dict", "model") if isinstance(loaded.get(k), dict)), loaded)
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return loaded
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise _unreadable(path, error) from None
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    """What is wrong with a file safetensors cannot read, in words (the format: 8 bytes giving
+    the JSON header's length, the header, then the tensors' bytes)."""
+    if isinstance(error, OSError):
+        return CheckpointError(f"cannot read {path}: {error.strerror or error}")
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        header_length = int.from_bytes(file.read(8), "little")
+        header = file.read(min(header_length, size))
+    if size == 0:
+        reason = "it is empty (0 bytes)"
+    elif size < 8:
+        reason = f"it is {size} bytes long, too short to hold a header"
+    elif header_length > size - 8:
+        reason = f"its header says it is {header_length:,} bytes long, but the file holds {size:,} bytes"
+    else:
+        try:
+            json.loads(header)
+            reason = f"its tensors do not fill the file as its header says: truncated or damaged ({error})"
+        except ValueError:
+            reason = "its header is not JSON"
+    return CheckpointError(f"{path} is not a readable safetensors file: {reason}")
+
+
 def create_source(source: str, pretrained: str | os.PathLike | None = None, **model_kwargs) -> nn.Module:
     """The model a source names: ``timm:NAME`` (or a bare timm name), or ``file:PATH.py:FACTORY``
     (``FACTORY(**model_kwargs)`` from a Python file).
 
     Nothing is downloaded: a timm model starts from random weights, or from ``pretrained``,
-    a local weights file (.safetensors, .pth or .bin, as timm publishes them).
+    a local weights file (.safetensors, .pth or .bin, as timm publishes them, read by
+    :func:`read_state_dict`: tensors only).
     """
     import timm
 
@@ -86,13 +154,16 @@ def create_source(source: str, pretrained: str | os.PathLike | None = None, **mo
         return timm.create_model(name, pretrained=False, **model_kwargs)
     if not Path(pretrained).is_file():
         raise SurgeryError(f"no such weights file: {pretrained}")
+    # timm is handed the tensors, not the file: it never unpickles anything itself
+    overlay = {"state_dict": read_state_dict(pretrained)}
     try:
-        overlay = {"file": str(pretrained)}
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **model_kwargs)
-    except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as error:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **model_kwargs)
+    except (RuntimeError, ValueError, KeyError) as error:
         detail = " ".join(str(error).split()) or type(error).__name__
         detail = detail if len(detail) <= 300 else detail[:300] + "..."
         raise SurgeryError(f"{pretrained} does not fit timm's {name}: {detail}") from None
+    model.pretrained_cfg.pop("state_dict", None)  # timm keeps the overlay: every copy of the model would carry it
+    return model
 
 
 def convert(

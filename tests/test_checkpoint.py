@@ -131,7 +131,7 @@ def test_starting_from_local_pretrained_weights(tmp_path):
         model = convert("timm:convnext_atto", pretrained=path, num_classes=5)
         kept = "stages.1.blocks.0.mlp.fc1.weight"
         assert torch.equal(model.state_dict()[kept], weights[kept])  # what the rewrite keeps, it keeps trained
-        assert model.dclsify.pretrained == str(path)
+        assert model.dclsify.pretrained == str(path) and "state_dict" not in model.pretrained_cfg
     saved = save(model, tmp_path / "tagger.safetensors")
     assert checkpoint.read_metadata(saved)["pretrained"] == str(path)
     torch.testing.assert_close(load(saved).state_dict()[kept], weights[kept])  # from the checkpoint itself
@@ -163,3 +163,38 @@ def test_baked_models_and_damaged_metadata_are_refused(model, tmp_path):
     save_file(tensors, path, metadata={k: v for k, v in metadata.items() if k != "model_kwargs"})
     with pytest.raises(CheckpointError, match="damaged dclsify metadata"):
         load(path)
+
+
+class RunsCode:
+    """Unpickling it opens, and so creates, the file it names: a malicious .pth's payload, harmless."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_pth_that_would_run_code_is_refused_unread(tmp_path):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pth"
+    torch.save({"stem.0.weight": torch.zeros(1), "payload": RunsCode(marker)}, evil)
+    for read in (checkpoint.read_state_dict, lambda path: convert("timm:convnext_atto", pretrained=path)):
+        with pytest.raises(CheckpointError, match=r"evil.pth holds pickled Python objects.*refused \(.*io.open"):
+            read(evil)
+        assert not marker.exists()
+    torch.load(evil, weights_only=False)["payload"].close()  # the control: unpickled for real, it runs
+    assert marker.exists()
+
+
+def test_read_state_dict_takes_tensors_only(tmp_path):
+    weights = {"w": torch.ones(2), "b": torch.zeros(1)}
+    for name, content in [("plain.pth", weights), ("trained.pth", {"state_dict": weights, "epoch": 3})]:
+        torch.save(content, tmp_path / name)
+        assert checkpoint.read_state_dict(tmp_path / name).keys() == weights.keys()
+    torch.save([torch.ones(2)], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="does not hold a state dict"):
+        checkpoint.read_state_dict(tmp_path / "list.pth")
+    (tmp_path / "text.bin").write_text("not weights")
+    with pytest.raises(CheckpointError, match="text.bin is not a readable PyTorch weights file"):
+        checkpoint.read_state_dict(tmp_path / "text.bin")
