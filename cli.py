@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -22,7 +23,7 @@ console = Console()
 
 def fail(message: str) -> None:
     """End the command with one clear line and exit status 1."""
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}")  # brackets in a message are text, not markup
     raise typer.Exit(1)
 
 
@@ -223,6 +224,11 @@ STEM = typer.Option("audio", help="audio (2x16 stride 2x16), KHxKW[/SHxSW], or n
 IN_CHANS = typer.Option(1, help="Input channels of the new stem.")
 NUM_CLASSES = typer.Option(527, min=0, help="Classifier outputs (527 = AudioSet); 0 keeps the model's head.")
 DCLS = typer.Option(True, "--dcls/--no-dcls", help="--no-dcls: only the stem and head (the DSC baseline).")
+TRUST_CODE = typer.Option(
+    False,
+    "--trust-code",
+    help="Let a checkpoint whose source is file:PATH.py:FACTORY run that file to rebuild its model.",
+)
 
 
 def _or_fail(function, *args, **kwargs):
@@ -309,6 +315,7 @@ def diff_command(
     num_classes: int = NUM_CLASSES,
     dcls: bool = DCLS,
     format: str = typer.Option("table", "--format", help="table, unified (diff of the FX graph code) or json."),
+    trust_code: bool = TRUST_CODE,
 ) -> None:
     """Show what a rewrite changes in the model's FX graph."""
     from dclsify.surgery.checkpoint import create_source, load
@@ -320,7 +327,7 @@ def diff_command(
     options = _rewrite_options(kernel, count, version, match, sync, stem, in_chans, num_classes, dcls)
     with console.status(f"tracing {model}"):
         if Path(model).is_file():  # a checkpoint: what it changed in its source model
-            rewritten = _or_fail(load, model)
+            rewritten = _or_fail(load, model, trust_code=trust_code)
             original = _or_fail(create_source, rewritten.dclsify.source, **rewritten.dclsify.model_kwargs)
         else:
             original = _or_fail(create_source, model)
