@@ -528,6 +528,73 @@ def bench_data_command(
         console.print(f"wrote {json_path}")
 
 
+@app.command("train")
+def train_command(
+    recipe: str | None = typer.Option(None, help="A built-in recipe (see --list-recipes) or a TOML file."),
+    data: str | None = typer.Option(None, help="Training data: HDF5 (a,b or a glob), a segment CSV or a manifest."),
+    eval_data: str | None = typer.Option(None, "--eval-data", help="Evaluation data, of the same classes."),
+    out: Path | None = typer.Option(None, "--out", help="Run directory (default: runs/RECIPE)."),
+    overrides: list[str] = typer.Option([], "--set", help="section.key=value, e.g. train.lr=1e-3 (repeatable)."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this directory exactly."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out."),
+    trust_code: bool = typer.Option(False, "--trust-code", help="Allow a file: model source to run its Python file."),
+    list_keys: bool = typer.Option(False, "--list-keys", help="List every recipe key with its default, and exit."),
+    list_recipes: bool = typer.Option(False, "--list-recipes", help="List the built-in recipes, and exit."),
+) -> None:
+    """Train an audio tagger with the paper's recipe (or yours); without --data, on the demo's sound set."""
+    from dclsify.pipeline.recipe import Recipe, RecipeError, builtin_recipes, load_recipe, valid_keys
+    from dclsify.pipeline.sources import DataError
+    from dclsify.pipeline.train import TrainError, train
+
+    if list_recipes:
+        for name, path in sorted(builtin_recipes().items()):
+            first = path.read_text().splitlines()[0].lstrip("# ")
+            console.print(f"[bold]{name}[/]: {escape(first)}", soft_wrap=True)
+        return
+    if list_keys:
+        defaults = Recipe().as_dict()
+        for key in valid_keys():
+            section, name = key.split(".")
+            console.print(f"{key} = {json.dumps(defaults[section][name])}", soft_wrap=True, highlight=False)
+        return
+    try:
+        if resume is not None:
+            if recipe or overrides or data or eval_data or out:
+                fail(
+                    "--resume continues a run as it was recorded: give no --recipe, --set, --data, --eval-data or --out"
+                )
+            result = train(out=resume, resume=True, trust_code=trust_code, console=console)
+        else:
+            if data is None:
+                from dclsify.pipeline.demo import demo_data
+
+                data, eval_data = demo_data(console=console)
+                recipe = recipe or "demo"
+            resolved = load_recipe(recipe, overrides)
+            run_dir = out or Path("runs") / (Path(recipe).stem if recipe else "default")
+            result = train(
+                resolved, data, eval_data, run_dir, overwrite=overwrite, trust_code=trust_code, console=console
+            )
+    except (RecipeError, DataError, TrainError) as error:
+        fail(str(error))
+    _report_run(result)
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+def _report_run(result) -> None:
+    minutes = result.seconds / 60
+    console.print(
+        f"{result.steps} steps in {minutes:.1f} min ({result.clips_per_second:.1f} clips/s); run: {result.run_dir}"
+    )
+    if result.best_map is not None:
+        console.print(f"best eval mAP {result.best_map:.4f}: {result.best_checkpoint}")
+    if result.replaced_clips:
+        console.print(f"[yellow]{len(result.replaced_clips)} clips could not be read and were replaced:[/]")
+        for path, reason in list(result.replaced_clips.items())[:10]:
+            console.print(f"  {escape(path)}: {escape(reason)}", soft_wrap=True)
+
+
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
     console.print(f"[yellow]warning:[/] {message}")
 

@@ -34,6 +34,7 @@ METADATA_KEYS = (
     "pretrained",
 )
 JSON_METADATA = ("model_kwargs", "rewrite", "class_names", "pretrained")
+AUDIO_KEY = "audio"  # the front-end settings a trained model hears with; absent from untrained checkpoints
 
 # The timm model arguments a checkpoint may record: what shapes the architecture (generic
 # timm arguments, then those of the registered families' classes). Everything else is
@@ -282,12 +283,14 @@ def _check_class_names(class_names, head_size: int | None) -> None:
         raise CheckpointError(f"class_names holds {len(class_names)} names for a head of {head_size} classes")
 
 
-def save(model: nn.Module, path: str | os.PathLike, class_names: list[str] | None = None) -> Path:
+def save(model: nn.Module, path: str | os.PathLike, class_names: list[str] | None = None, audio=None) -> Path:
     """Write ``model`` (made by :func:`convert`) to a ``.safetensors`` file that :func:`load` can rebuild.
 
     Parameters shared between layers (synchronised ``P``/``SIG``) are stored once. The
     write goes through a temporary file: an interrupted save never leaves a partial
-    file under ``path``. ``class_names``, when given, name the head's outputs.
+    file under ``path``. ``class_names``, when given, name the head's outputs; ``audio``
+    (an :class:`~dclsify.pipeline.frontend.AudioConfig`) records the clip format and log-mel
+    settings the model was trained with, so that evaluation and inference need no flags.
     """
     import timm
 
@@ -310,6 +313,8 @@ def save(model: nn.Module, path: str | os.PathLike, class_names: list[str] | Non
         "class_names": json.dumps(class_names),
         "pretrained": json.dumps(report.pretrained),  # provenance only: load() takes the weights from here
     }
+    if audio is not None:
+        metadata[AUDIO_KEY] = audio.to_json()
     with atomic_path(path) as temporary:
         save_model(model, str(temporary), metadata=metadata)
     return Path(path)
@@ -342,7 +347,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
             f"{path} was written by dclsify {written_by}, newer than this dclsify {__version__}: upgrade to load it"
         )
     # besides ours, safetensors records each shared tensor's other names: name -> stored name
-    unknown = [key for key, value in raw.items() if key not in METADATA_KEYS and value not in tensor_names]
+    known = (*METADATA_KEYS, AUDIO_KEY)
+    unknown = [key for key, value in raw.items() if key not in known and value not in tensor_names]
     missing = [key for key in METADATA_KEYS if key not in raw]
     if unknown or missing:
         what = f"unknown keys {unknown}" if unknown else f"missing keys {missing}"
@@ -353,6 +359,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
             decoded[key] = json.loads(raw[key])
         except json.JSONDecodeError as error:
             raise CheckpointError(f"{path}: damaged dclsify metadata: {key!r} is not JSON ({error})") from None
+    decoded[AUDIO_KEY] = _audio_settings(path, raw.get(AUDIO_KEY))
     source, pretrained = decoded["source"], decoded["pretrained"]
     if not source.startswith(("timm:", "file:")):
         raise CheckpointError(f"{path}: metadata 'source' must be timm:NAME or file:PATH.py:FACTORY, got {source!r}")
@@ -368,6 +375,21 @@ def read_metadata(path: str | os.PathLike) -> dict:
     except CheckpointError as error:
         raise CheckpointError(f"{path}: metadata: {error}") from None
     return decoded
+
+
+def _audio_settings(path: Path, text: str | None):
+    """The checkpoint's front-end settings as an AudioConfig, or None where it records none."""
+    if text is None:
+        return None
+    from dclsify.pipeline.frontend import AudioConfig
+
+    try:
+        values = json.loads(text)
+        if not isinstance(values, dict):
+            raise ValueError(f"expected a mapping, got {values!r}"[:200])
+        return AudioConfig.from_dict(values)
+    except (json.JSONDecodeError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{path}: damaged dclsify metadata: 'audio': {error}"[:500]) from None
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", trust_code: bool = False) -> nn.Module:
@@ -397,6 +419,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", trust_code
     _check_weights(path, weights, model)
     model.load_state_dict(weights, strict=False)  # what strict would call missing: aliases of a stored tensor
     model.class_names = metadata["class_names"]
+    model.audio = metadata[AUDIO_KEY]
     return model.to(device)
 
 

@@ -1,0 +1,674 @@
+"""The training loop: one process, or many under ``torchrun`` (DistributedDataParallel).
+
+``train(recipe, data, eval_data, out)`` reads the data, builds the model the recipe names,
+and runs the paper's recipe; the loop itself is :func:`_run`, on one screen. A run
+directory holds everything a run makes::
+
+    config.json          the resolved recipe, the data and the class names
+    metrics.jsonl        a line every log_every steps and one per evaluation
+    curves.png           loss, learning rate and mAP
+    checkpoints/         step_NNNNNNN.pt: all a resume needs (the last `keep`, and the best)
+    best.safetensors     the best model by eval mAP, a dclsify checkpoint (dclsify.load)
+    tensorboard/         event files, when tensorboard is installed
+
+Only rank 0 writes files and prints. ``train(..., resume=True)`` continues a run exactly
+where its last checkpoint left it: model, EMA, optimiser, scheduler, gradient scaler,
+every random state and the position in the epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .augment import Augment
+from .frontend import LogMel
+from .loader import FailureLog, make_loader
+from .recipe import Recipe, RecipeError, load_recipe
+from .sources import ClipDataset, open_source
+
+RUN_FILES = ("config.json", "metrics.jsonl", "curves.png", "best.safetensors", "checkpoints", "tensorboard")
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or go on; the message says why and what to do."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    best_map: float | None
+    best_checkpoint: Path | None
+    last_eval: dict | None
+    seconds: float
+    clips_per_second: float
+    interrupted: bool = False
+    replaced_clips: dict = field(default_factory=dict)
+
+
+# -- processes and devices ------------------------------------------------------------------
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); starts the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError("train.device is cuda, but torch sees no CUDA device here")
+        device = torch.device("cuda", device.index if device.index is not None else local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+# -- the model and its optimiser ------------------------------------------------------------
+
+
+def build_model(recipe: Recipe, num_classes: int, trust_code: bool = False) -> nn.Module:
+    """The model a recipe names, with a head of ``num_classes``: a timm backbone rewritten
+    for audio (DCLS or, with ``model.dcls = false``, its DSC twin), or a dclsify checkpoint
+    to fine-tune (a new head where its classes differ; ``model.freeze`` trains the head only)."""
+    from dclsify.surgery.checkpoint import CheckpointError, convert, load, require_trust
+    from dclsify.surgery.rewrite import SurgeryError
+
+    m = recipe.model
+    if m.num_classes and m.num_classes != num_classes:
+        raise TrainError(f"model.num_classes is {m.num_classes}, but the data has {num_classes} classes")
+    try:
+        if m.source.endswith(".safetensors"):
+            model = load(m.source, trust_code=trust_code)
+            if model.dclsify.config.num_classes != num_classes:
+                model.reset_classifier(num_classes)
+                model.dclsify.config.num_classes = num_classes
+        else:
+            require_trust(m.source, trust_code, "the recipe")
+            kwargs = {"drop_path_rate": m.drop_path} if m.drop_path else {}
+            model = convert(
+                m.source,
+                kwargs,
+                kernel=m.kernel,
+                count=m.count,
+                version=m.version,
+                match=m.match,
+                sync=m.sync,
+                stem=None if m.stem.lower() == "none" else m.stem,
+                num_classes=num_classes,
+                input_size=recipe.audio.input_size,
+                dcls=m.dcls,
+                seed=recipe.train.seed,
+            )
+    except (SurgeryError, CheckpointError) as error:
+        raise TrainError(str(error)) from None
+    if m.freeze:
+        head = {id(p) for p in model.get_classifier().parameters()}
+        for parameter in model.parameters():
+            parameter.requires_grad_(id(parameter) in head)
+    return model
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, position_lr_scale: float) -> list[dict]:
+    """Three groups: weights with decay; biases and norms (1-D) without; DCLS positions and
+    spreads (P, SIG) without decay at ``position_lr_scale`` times the rate (timm's schedulers
+    honour ``lr_scale``). A parameter shared by several layers appears once."""
+    groups = {"decay": [], "no_decay": [], "positions": []}
+    seen = set()
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad or id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        leaf = name.rpartition(".")[2]
+        kind = "positions" if leaf in ("P", "SIG") else "no_decay" if parameter.ndim <= 1 else "decay"
+        groups[kind].append(parameter)
+    return [
+        {"params": groups["decay"], "weight_decay": weight_decay},
+        {"params": groups["no_decay"], "weight_decay": 0.0},
+        {"params": groups["positions"], "weight_decay": 0.0, "lr_scale": position_lr_scale},
+    ]
+
+
+def _optimizer(recipe: Recipe, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    t = recipe.train
+    groups = [g for g in parameter_groups(model, t.weight_decay, t.position_lr_scale) if g["params"]]
+    if t.optimizer == "lamb":
+        from timm.optim import Lamb
+
+        return Lamb(groups, lr=lr, betas=tuple(t.betas))
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(t.betas))
+
+
+def clamp_positions(model: nn.Module) -> None:
+    from dclsify.surgery.dcls import Dcls2d
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Dcls2d):
+                module.clamp_parameters()
+
+
+# -- evaluation -----------------------------------------------------------------------------
+
+
+def score_clips(model, loader, frontend, device, precision, multi_label) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (sigmoid, or softmax for single-label data) and targets of every clip of the
+    loader, in dataset order; under DDP gathered from all ranks, each clip exactly once."""
+    model.eval()
+    indices, scores, targets = [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            waveforms = batch.waveforms.to(device, non_blocking=True)
+            with _autocast(device, precision):
+                logits = model(frontend(waveforms)).float()
+            scores.append((torch.sigmoid(logits) if multi_label else logits.softmax(-1)).cpu().numpy())
+            targets.append(batch.targets.numpy())
+            indices.append(batch.indices.numpy())
+    parts = [(np.concatenate(indices), np.concatenate(scores), np.concatenate(targets))] if indices else []
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, parts)
+        parts = [part for rank_parts in gathered for part in rank_parts]
+    order_index = np.concatenate([p[0] for p in parts])
+    if len(np.unique(order_index)) != len(order_index):
+        raise RuntimeError("evaluation saw a clip twice: the evaluation sampler is wrong")
+    order = np.argsort(order_index)
+    return np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
+
+
+# -- random states, progress, replicas ------------------------------------------------------
+
+
+def _random_states(augment: Augment, device: torch.device) -> list[dict]:
+    """Every random state of this process, gathered from all ranks (rank order)."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    local = {
+        "python": random.getstate(),
+        "numpy": numpy_state,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "augment": augment.get_rng_state(),
+    }
+    if not dist.is_initialized():
+        return [local]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return gathered
+
+
+def _set_random_states(states: list[dict], rank: int, augment: Augment, device: torch.device) -> None:
+    if len(states) != (dist.get_world_size() if dist.is_initialized() else 1):
+        import warnings
+
+        warnings.warn(
+            f"the run was saved by {len(states)} processes and resumes on another number: it goes on, "
+            "but not bit for bit as it would have",
+            stacklevel=3,
+        )
+    local = states[rank % len(states)]
+    random.setstate(local["python"])
+    numpy_state = dict(local["numpy"])
+    numpy_state["state"] = {**numpy_state["state"], "key": np.array(numpy_state["state"]["key"], dtype=np.uint32)}
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(local["torch"])
+    if device.type == "cuda" and local["cuda"] is not None:
+        torch.cuda.set_rng_state(local["cuda"], device)
+    augment.set_rng_state(local["augment"])
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _progress(console):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("lr {task.fields[lr]}"),
+        TextColumn("{task.fields[rate]} clips/s"),
+        TimeRemainingColumn(),
+        console=console or Console(),
+    )
+    progress.start()
+    return progress
+
+
+def _say(progress, text: str) -> None:
+    if progress is not None:
+        progress.console.print(text)
+
+
+def _check_replicas(model: nn.Module, rank: int, metrics_path: Path) -> None:
+    """Every rank must end with the same weights: DDP's promise, checked once."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    hashes = [None] * dist.get_world_size()
+    dist.all_gather_object(hashes, digest.hexdigest())
+    identical = len(set(hashes)) == 1
+    if rank == 0:
+        _write_json_line(metrics_path, {"final": True, "world_size": len(hashes), "replicas_identical": identical})
+    if not identical:
+        raise TrainError("the processes ended with different weights: DistributedDataParallel went out of step")
+
+
+# -- the run directory ----------------------------------------------------------------------
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("step_*.pt"))
+
+
+def _save_checkpoint(run_dir: Path, state: dict, keep: int, best_step: int | None) -> Path:
+    from dclsify.surgery.checkpoint import atomic_path
+
+    path = run_dir / "checkpoints" / f"step_{state['step']:07d}.pt"
+    try:
+        with atomic_path(path) as temporary:
+            torch.save(state, temporary)
+    except OSError as error:
+        previous = _checkpoints(run_dir)
+        survivor = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
+        raise TrainError(f"cannot save {path}: {error.strerror or error}{survivor}") from None
+    kept = {path.name} | ({f"step_{best_step:07d}.pt"} if best_step is not None else set())
+    for old in _checkpoints(run_dir)[:-keep]:
+        if old.name not in kept:
+            old.unlink()
+    return path
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if resume:
+        if not (run_dir / "config.json").is_file():
+            raise TrainError(f"{run_dir} holds no run to resume (no config.json)")
+        if not _checkpoints(run_dir):
+            raise TrainError(f"{run_dir} has no checkpoint to resume from (checkpoints/step_*.pt)")
+        return
+    if (run_dir / "config.json").exists():
+        if not overwrite:
+            raise TrainError(f"{run_dir} holds a run already: --resume {run_dir} continues it, --overwrite replaces it")
+        for name in RUN_FILES:
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+def _write_json_line(path: Path, record: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def plot_curves(run_dir: Path) -> Path | None:
+    """curves.png from metrics.jsonl: training loss, learning rate and eval mAP against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dclsify.surgery.checkpoint import atomic_path
+
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in lines if "loss" in r]
+    evals = [r for r in lines if "eval" in r]
+    if not steps:
+        return None
+    figure, axes = plt.subplots(1, 3, figsize=(14, 3.8), layout="constrained")
+    axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], color="tab:blue")
+    axes[0].set(title="training loss", xlabel="step")
+    axes[1].plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:orange")
+    axes[1].set(title="learning rate", xlabel="step")
+    axes[1].ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    if evals:
+        axes[2].plot([r["step"] for r in evals], [r["eval"]["mAP"] for r in evals], "o-", label="model")
+        ema = [r for r in evals if r.get("eval_ema")]
+        if ema:
+            axes[2].plot([r["step"] for r in ema], [r["eval_ema"]["mAP"] for r in ema], "s--", label="EMA")
+        axes[2].legend()
+    axes[2].set(title="eval mAP", xlabel="step")
+    figure.suptitle(run_dir.name)
+    path = run_dir / "curves.png"
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100)
+    plt.close(figure)
+    return path
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+def train(
+    recipe: Recipe | str | None = None,
+    data: str | os.PathLike | list | None = None,
+    eval_data: str | os.PathLike | list | None = None,
+    out: str | os.PathLike = "runs/run",
+    resume: bool = False,
+    overwrite: bool = False,
+    trust_code: bool = False,
+    console=None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train the model ``recipe`` names on ``data`` (any source :func:`~dclsify.pipeline.sources.open_source`
+    reads), evaluating on ``eval_data`` every ``train.eval_every`` epochs; results in ``out``.
+
+    ``resume=True`` continues the run in ``out`` (its recipe and data are read from its
+    ``config.json``; give neither). ``stop_after=N`` stops, as Ctrl-C does, after N
+    optimiser steps in total (a checkpoint is saved; resume continues). Returns a :class:`TrainResult`.
+    """
+    started = time.perf_counter()
+    run_dir = Path(out)
+    rank, world, local_rank = _distributed()
+    if resume:
+        if recipe is not None or data is not None:
+            raise TrainError("--resume continues a run as it was recorded: give no recipe, --set or --data")
+        _prepare_run_dir(run_dir, resume, overwrite)
+        recorded = json.loads((run_dir / "config.json").read_text())
+        recipe = _recipe_of(recorded)
+        data, eval_data = recorded["data"], recorded["eval_data"]
+    else:
+        recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        if data is None:
+            raise TrainError("no training data: give --data (an HDF5 file, a segment CSV or a manifest)")
+        _prepare_run_dir(run_dir, resume, overwrite)
+    t = recipe.train
+    device = _device(t.device, local_rank)
+    train_set = open_source(data, recipe.audio)
+    eval_set = open_source(eval_data, recipe.audio) if eval_data is not None else None
+    if eval_set is not None and eval_set.class_names != train_set.class_names:
+        raise TrainError(
+            f"the evaluation data's {len(eval_set.class_names)} classes are not the training data's "
+            f"{len(train_set.class_names)} (same names in the same order are needed)"
+        )
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+    model = build_model(recipe, len(train_set.class_names), trust_code).to(device)
+    if rank == 0 and not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record = {
+            "recipe": recipe.as_dict(),
+            "data": [str(p) for p in data] if isinstance(data, list) else str(data),
+            "eval_data": None if eval_data is None else str(eval_data),
+            "class_names": train_set.class_names,
+            "multi_label": train_set.multi_label,
+            "world_size": world,
+        }
+        (run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    return _run(recipe, model, train_set, eval_set, run_dir, device, rank, world, resume, console, stop_after, started)
+
+
+def _recipe_of(recorded: dict) -> Recipe:
+    from .recipe import _apply, _check
+
+    try:
+        return _check(_apply(Recipe(), recorded["recipe"], "config.json"))
+    except (RecipeError, KeyError) as error:
+        raise TrainError(f"the run's config.json is damaged: {error}") from None
+
+
+def _run(
+    recipe, model, train_set: ClipDataset, eval_set, run_dir, device, rank, world, resume, console, stop_after, started
+):
+    from dclsify.surgery.checkpoint import save
+
+    t = recipe.train
+    multi_label = train_set.multi_label
+    loader = make_loader(train_set, t.batch_size, True, t.workers, rank, world, t.seed, device.type == "cuda")
+    eval_loader = None
+    if eval_set is not None:
+        eval_loader = make_loader(eval_set, t.batch_size, False, t.workers, rank, world, t.seed, device.type == "cuda")
+    steps_per_epoch = len(loader) // t.accumulate
+    if steps_per_epoch == 0:
+        raise TrainError(
+            f"{len(train_set)} training clips make no full step of {t.batch_size} x {t.accumulate} clips "
+            f"x {world} processes: lower train.batch_size"
+        )
+    total_steps, warmup_steps = t.epochs * steps_per_epoch, round(t.warmup_epochs * steps_per_epoch)
+    global_batch = t.batch_size * t.accumulate * world
+    lr = t.lr * global_batch / t.reference_batch
+    optimizer = _optimizer(recipe, model, lr)
+    from timm.scheduler import CosineLRScheduler
+
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=max(total_steps - warmup_steps, 1),
+        lr_min=t.min_lr * global_batch / t.reference_batch,
+        warmup_t=warmup_steps,
+        warmup_lr_init=t.min_lr * global_batch / t.reference_batch,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+    ema = None
+    if t.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=t.ema_decay)
+    scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
+    frontend = LogMel(recipe.audio).to(device)
+    augment = Augment(frontend, recipe.augment, seed=t.seed + 1000 * rank)
+    step, epoch, step_in_epoch, best_map, best_step = 0, 0, 0, None, None
+    if resume:
+        state = torch.load(_checkpoints(run_dir)[-1], map_location="cpu", weights_only=True)
+        try:
+            model.load_state_dict(state["model"])
+            if ema is not None and state["ema"] is not None:
+                ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            detail = " ".join(str(error).split())[:300]
+            raise TrainError(f"the last checkpoint in {run_dir} does not fit the run's model: {detail}") from None
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        best_map, best_step = state["best_map"], state["best_step"]
+        _set_random_states(state["random"], rank, augment, device)
+    trained = model
+    if world > 1:
+        trained = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    forward = torch.compile(trained) if t.compile else trained
+    failures = FailureLog()
+    metrics_path, last_eval, interrupted = run_dir / "metrics.jsonl", None, False
+    writer = _tensorboard(run_dir) if rank == 0 else None
+    progress = _progress(console) if rank == 0 else None
+    clips_done, clock = 0, time.perf_counter()
+
+    def checkpoint() -> None:
+        state = {
+            "model": model.state_dict(),
+            "ema": None if ema is None else ema.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": None if scaler is None else scaler.state_dict(),
+            "step": step,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "best_map": best_map,
+            "best_step": best_step,
+            "random": _random_states(augment, device),
+        }
+        if rank == 0:
+            _save_checkpoint(run_dir, state, t.keep, best_step)
+
+    def evaluate() -> dict:
+        nonlocal best_map, best_step, last_eval
+        from .evaluate import metrics
+
+        results = {}
+        for name, candidate in (("eval", model), ("eval_ema", None if ema is None else ema.module)):
+            if candidate is not None:
+                scores, targets = score_clips(candidate, eval_loader, frontend, device, t.precision, multi_label)
+                results[name] = metrics(scores, targets, multi_label, train_set.class_names).as_dict(per_class=False)
+        model.train()
+        if rank == 0:
+            better = max(results, key=lambda k: results[k]["mAP"])
+            if best_map is None or results[better]["mAP"] > best_map:
+                best_map, best_step = results[better]["mAP"], step
+                exported = model if better == "eval" else ema.module
+                save(exported, run_dir / "best.safetensors", train_set.class_names, recipe.audio)
+            _write_json_line(metrics_path, {"step": step, "epoch": epoch, **results})
+            if writer is not None:
+                for name, values in results.items():
+                    for key in ("mAP", "mAUC", "d_prime", "accuracy"):
+                        if values.get(key) is not None:
+                            writer.add_scalar(f"{name}/{key}", values[key], step)
+            line = ", ".join(f"{k} {v['mAP']:.4f}" for k, v in results.items())
+            _say(progress, f"epoch {epoch} step {step}: mAP {line}" + (" (best)" if best_step == step else ""))
+            plot_curves(run_dir)
+        last_eval = results
+        return results
+
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    try:
+        while epoch < t.epochs:
+            loader.sampler.set_epoch(epoch, start=step_in_epoch * t.batch_size * t.accumulate)
+            task = (
+                progress.add_task(
+                    f"epoch {epoch + 1}/{t.epochs}",
+                    total=steps_per_epoch,
+                    completed=step_in_epoch,
+                    loss="-",
+                    lr="-",
+                    rate="-",
+                )
+                if progress
+                else None
+            )
+            batches = iter(loader)
+            while step_in_epoch < steps_per_epoch:
+                for micro in range(t.accumulate):
+                    batch = next(batches)
+                    failures.record(batch.failures)
+                    x, y = augment(
+                        batch.waveforms.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True)
+                    )
+                    sync = trained.no_sync() if world > 1 and micro < t.accumulate - 1 else nullcontext()
+                    with sync, _autocast(device, t.precision):
+                        logits = forward(x).float()
+                    loss = (
+                        F.binary_cross_entropy_with_logits(logits, y) if multi_label else F.cross_entropy(logits, y)
+                    ) / t.accumulate
+                    with sync:
+                        (scaler.scale(loss) if scaler else loss).backward()
+                    loss_sum += loss.detach()
+                if t.clip_grad:
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                clamp_positions(model)
+                if ema is not None:
+                    ema.update(model, step=step)
+                step += 1
+                step_in_epoch += 1
+                scheduler.step_update(step)
+                clips_done += global_batch
+                if step % t.log_every == 0 or step_in_epoch == steps_per_epoch:
+                    window = (step - 1) % t.log_every + 1
+                    mean_loss = float(loss_sum) / window
+                    if world > 1:
+                        summed = torch.tensor([mean_loss], device=device)
+                        dist.all_reduce(summed)
+                        mean_loss = float(summed) / world
+                    loss_sum.zero_()
+                    rate = clips_done / (time.perf_counter() - clock)
+                    current_lr = optimizer.param_groups[0]["lr"]
+                    if rank == 0:
+                        _write_json_line(
+                            metrics_path,
+                            {
+                                "step": step,
+                                "epoch": epoch,
+                                "loss": mean_loss,
+                                "lr": current_lr,
+                                "clips_per_second": rate,
+                            },
+                        )
+                        if writer is not None:
+                            writer.add_scalar("train/loss", mean_loss, step)
+                            writer.add_scalar("train/lr", current_lr, step)
+                        if progress:
+                            progress.update(task, loss=f"{mean_loss:.4f}", lr=f"{current_lr:.2e}", rate=f"{rate:.1f}")
+                if progress:
+                    progress.update(task, completed=step_in_epoch)
+                if step % t.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
+                    checkpoint()
+                if stop_after is not None and step >= stop_after:
+                    raise KeyboardInterrupt
+            epoch, step_in_epoch = epoch + 1, 0
+            if progress:
+                progress.remove_task(task)
+            if eval_loader is not None and (epoch % t.eval_every == 0 or epoch == t.epochs):
+                evaluate()
+            checkpoint()
+    except KeyboardInterrupt:
+        interrupted = True
+        checkpoint()
+        _say(
+            progress,
+            f"interrupted at step {step}: a checkpoint is saved; continue with `dclsify train --resume {run_dir}`",
+        )
+    finally:
+        if progress:
+            progress.stop()
+        if writer is not None:
+            writer.close()
+    if world > 1:
+        _check_replicas(model, rank, metrics_path)
+    if rank == 0 and metrics_path.exists():
+        plot_curves(run_dir)
+    seconds = time.perf_counter() - started
+    best = run_dir / "best.safetensors"
+    return TrainResult(
+        run_dir,
+        step,
+        best_map,
+        best if best.exists() else None,
+        last_eval,
+        seconds,
+        clips_done / max(time.perf_counter() - clock, 1e-9),
+        interrupted,
+        dict(failures.failures),
+    )

@@ -1,0 +1,251 @@
+"""Training and evaluation on tiny generated data: the loss falls, resume is exact, DDP agrees,
+every recipe builds, and every user error is one clear message."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from sklearn.metrics import average_precision_score
+from typer.testing import CliRunner
+
+from dclsify import cli, load
+from dclsify.cli import app
+from dclsify.pipeline.recipe import RecipeError, builtin_recipes, load_recipe
+from dclsify.pipeline.train import TrainError, build_model, parameter_groups, train
+
+runner = CliRunner()
+CLASSES = ["low", "middle", "high", "chirp"]
+RATE, SECONDS = 8000, 0.5
+# A tiny model on a tiny spectrogram: ConvNeXt-atto with a 4x4 stem on 32 mels x 63 frames.
+TINY = [
+    "model.source=timm:convnext_atto",
+    "model.kernel=9",
+    "model.count=5",
+    'model.stem="4x4"',
+    "model.drop_path=0.1",
+    "audio.sample_rate=8000",
+    "audio.seconds=0.5",
+    "audio.n_fft=256",
+    "audio.hop_length=64",
+    "audio.n_mels=32",
+    "train.batch_size=4",
+    "train.epochs=2",
+    "train.warmup_epochs=0",
+    "train.workers=0",
+    "train.precision=fp32",
+    "train.device=cpu",
+    "train.lr=2e-3",
+    "train.reference_batch=4",
+    "train.log_every=1",
+]
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    monkeypatch.setattr(cli, "console", Console(width=200))
+
+
+def make_set(path: Path, clips: int, seed: int) -> Path:
+    """Four classes a small CNN tells apart at once: three tones and a chirp, one or two a clip."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(RATE * SECONDS)) / RATE
+    sounds = [np.sin(2 * np.pi * 300 * t), np.sin(2 * np.pi * 1000 * t), np.sin(2 * np.pi * 3000 * t)]
+    sounds.append(np.sin(2 * np.pi * (500 * t + 3000 * t**2)))
+    waveforms = np.zeros((clips, len(t)), dtype=np.int16)
+    targets = np.zeros((clips, 4), dtype=bool)
+    for i in range(clips):
+        present = rng.choice(4, size=1 + (i % 3 == 0), replace=False)
+        mix = sum(rng.uniform(0.2, 0.5) * sounds[c] for c in present) + 0.01 * rng.standard_normal(len(t))
+        waveforms[i] = np.clip(mix * 32767, -32768, 32767)
+        targets[i, present] = True
+    with h5py.File(path, "w") as handle:
+        handle["audio_name"] = np.array([f"clip{i}".encode() for i in range(clips)])
+        handle["waveform"] = waveforms
+        handle["target"] = targets
+        handle.attrs.update(sample_rate=RATE, class_names=json.dumps(CLASSES), multi_label=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    return make_set(folder / "train.h5", 24, 0), make_set(folder / "eval.h5", 16, 1)
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in lines if "loss" in r]
+
+
+def test_a_few_steps_lower_the_loss_and_export_the_best_model(sets, tmp_path):
+    train_set, eval_set = sets
+    quiet = ["augment.speed_p=0", "augment.erase_p=0", "augment.mixup_alpha=0", "train.epochs=6", "train.lr=4e-3"]
+    result = train(load_recipe(None, TINY + quiet), train_set, eval_set, tmp_path / "run")
+    history = [loss for _, loss in losses(tmp_path / "run")]
+    assert result.steps == 36 and len(history) == 36
+    assert np.mean(history[-6:]) < 0.8 * np.mean(history[:6]), history
+    model = load(result.best_checkpoint)
+    assert model.class_names == CLASSES and model.audio.sample_rate == RATE and model.audio.n_mels == 32
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert result.best_map is not None and result.best_map > 0.3
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["recipe"]["model"]["kernel"] == 9 and config["class_names"] == CLASSES
+
+
+def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(sets, tmp_path):
+    train_set, _ = sets
+    recipe = load_recipe(None, TINY + ["train.epochs=2", "train.checkpoint_every=2", "train.keep=2"])
+    whole = train(recipe, train_set, None, tmp_path / "whole")
+    assert whole.steps == 12
+    part = train(recipe, train_set, None, tmp_path / "part", stop_after=9)  # mid-epoch 2 (6 steps an epoch)
+    assert part.interrupted and part.steps == 9
+    kept = sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir())
+    assert kept == ["step_0000008.pt", "step_0000009.pt"]  # the last `keep`
+    resumed = train(out=tmp_path / "part", resume=True)
+    assert resumed.steps == 12 and not resumed.interrupted
+    assert losses(tmp_path / "part") == losses(tmp_path / "whole")  # the same floats, every step
+    a, b = torch.load(tmp_path / "whole/checkpoints/step_0000012.pt"), torch.load(tmp_path / "part/checkpoints/step_0000012.pt")
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+
+
+def test_parameter_groups_follow_the_paper():
+    recipe = load_recipe(None, TINY)
+    model = build_model(recipe, 4)
+    groups = parameter_groups(model, 0.05, 5.0)
+    decay, no_decay, positions = (g["params"] for g in groups)
+    assert groups[2]["lr_scale"] == 5.0 and groups[2]["weight_decay"] == 0 == groups[1]["weight_decay"]
+    assert len(positions) == 8  # P and SIG of 4 stages, each shared by the stage's layers, counted once
+    assert all(p.ndim == 4 for p in positions) and all(p.ndim == 1 for p in no_decay) and all(p.ndim > 1 for p in decay)
+    unique = {id(p) for p in model.parameters()}
+    assert len(decay) + len(no_decay) + len(positions) == len(unique)
+
+
+@pytest.mark.parametrize("name", sorted(builtin_recipes()))
+def test_every_recipe_parses_and_builds_its_model(name):
+    recipe = load_recipe(name)
+    if name == "demo":
+        return  # built and trained by test_demo
+    model = build_model(recipe, 527)
+    counts = {  # the authors' parameter counts (README), shared P/SIG once
+        "convnext_tiny_dsc": 28_223_855,
+        "convnext_tiny_dcls": 28_221_263,
+        "convformer_s18_dsc": 25_797_847,
+        "convformer_s18_dcls": 25_781_207,
+        "fastvit_sa24_dsc": 21_064_015,
+        "fastvit_sa24_dcls": 21_016_655,
+    }
+    if name in counts:
+        assert sum(p.numel() for p in model.parameters()) == counts[name]
+        assert recipe.train.optimizer == ("lamb" if name.startswith("convformer") else "adamw")
+        assert recipe.audio.input_size == (128, 1001) and recipe.model.drop_path == 0.4
+
+
+def test_recipe_errors_name_the_key():
+    cases = [
+        (["train.lr=fast"], "train.lr must be a float"),
+        (["train.lrr=1"], "unknown recipe key 'train.lrr'; did you mean train.lr"),
+        (["batchsize=3"], "unknown recipe key 'batchsize'; did you mean train.batch_size"),
+        (["train.optimizer=sgd"], "train.optimizer must be one of adamw, lamb"),
+        (["augment.speed_p=2"], "augment.speed_p must be a probability"),
+        (["audio.f_max=20000"], "f_max"),
+        (["lr"], "--set takes section.key=value"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(RecipeError) as error:
+            load_recipe(None, overrides)
+        assert message in str(error.value), (overrides, str(error.value))
+    with pytest.raises(RecipeError, match="did you mean convnext_tiny_dcls"):
+        load_recipe("convnext_tiny_dclss")
+    assert load_recipe(None, ["lr=1e-3"]).train.lr == 1e-3  # a bare key in one section only
+
+
+def test_run_directory_and_resume_errors(sets, tmp_path, monkeypatch):
+    train_set, eval_set = sets
+    recipe = load_recipe(None, TINY + ["train.epochs=1"])
+    with pytest.raises(TrainError, match="model.num_classes is 3, but the data has 4 classes"):
+        train(load_recipe(None, TINY + ["model.num_classes=3"]), train_set, None, tmp_path / "a")
+    train(recipe, train_set, None, tmp_path / "run")
+    with pytest.raises(TrainError, match="holds a run already: --resume .* --overwrite"):
+        train(recipe, train_set, None, tmp_path / "run")
+    assert train(recipe, train_set, None, tmp_path / "run", overwrite=True).steps == 6
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["recipe"]["model"]["count"] = 7  # as if another model's checkpoint were given to --resume
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TrainError, match="does not fit the run's model"):
+        train(out=tmp_path / "run", resume=True)
+    with pytest.raises(TrainError, match="no run to resume"):
+        train(out=tmp_path / "nothing", resume=True)
+    # no space left: the save fails cleanly, and the previous checkpoint survives untouched
+    saved = train(load_recipe(None, TINY + ["train.checkpoint_every=2"]), train_set, None, tmp_path / "full", stop_after=2)
+    before = sorted((tmp_path / "full" / "checkpoints").iterdir())
+    real_save = torch.save
+
+    def disk_full(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(TrainError, match=r"No space left on device; the previous checkpoint .*step_0000002.pt is intact"):
+        train(out=tmp_path / "full", resume=True, stop_after=4)
+    assert sorted((tmp_path / "full" / "checkpoints").iterdir()) == before and saved.steps == 2
+    assert [p.name for p in (tmp_path / "full" / "checkpoints").iterdir()] == ["step_0000002.pt"]
+
+
+def test_train_and_eval_commands(sets, tmp_path):
+    train_set, eval_set = sets
+    run = tmp_path / "run"
+    args = ["train", "--data", str(train_set), "--eval-data", str(eval_set), "--out", str(run)]
+    args += [item for override in TINY for item in ("--set", override)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "best eval mAP" in result.output
+    again = runner.invoke(app, args)
+    assert again.exit_code == 1 and "holds a run already" in again.output and "Traceback" not in again.output
+    bad = runner.invoke(app, ["train", "--data", str(train_set), "--set", "train.lrr=1"])
+    assert bad.exit_code == 1 and "did you mean train.lr" in bad.output
+    per_class = tmp_path / "ap.csv"
+    evaluation = runner.invoke(app, ["eval", str(run / "best.safetensors"), "--data", str(eval_set), "--json", "--per-class", str(per_class)])
+    assert evaluation.exit_code == 0, evaluation.output
+    reported = json.loads(evaluation.output)
+    # the same number scikit-learn gives on the model's scores
+    from dclsify.pipeline.frontend import LogMel
+    from dclsify.pipeline.loader import make_loader
+    from dclsify.pipeline.sources import open_source
+    from dclsify.pipeline.train import score_clips
+
+    model = load(run / "best.safetensors")
+    data = open_source(eval_set, model.audio)
+    scores, targets = score_clips(model, make_loader(data, 4, False), LogMel(model.audio), torch.device("cpu"), "fp32", True)
+    assert reported["mAP"] == pytest.approx(average_precision_score(targets, scores, average="macro"), abs=1e-9)
+    assert per_class.read_text().splitlines()[0].startswith("class")
+    missing = runner.invoke(app, ["eval", str(tmp_path / "none.safetensors"), "--data", str(eval_set)])
+    assert missing.exit_code == 1 and "no such checkpoint" in missing.output
+
+
+def test_two_process_ddp_trains_identical_replicas_and_evaluates_each_clip_once(sets, tmp_path):
+    train_set, eval_set = sets
+    run = tmp_path / "ddp"
+    overrides = [item for override in TINY + ["train.epochs=1", "train.batch_size=2"] for item in ("--set", override)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dclsify"]
+    command += ["train", "--data", str(train_set), "--eval-data", str(eval_set), "--out", str(run), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert finished.stdout.count("best eval mAP") == 1  # rank 1 prints nothing
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1] == {"final": True, "world_size": 2, "replicas_identical": True}
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 7))  # 24 clips / (2 ranks x 2) = 6 steps
+    ddp_map = next(r["eval"]["mAP"] for r in lines if "eval" in r)
+    from dclsify.pipeline.evaluate import evaluate
+
+    single = evaluate(run / "best.safetensors", eval_set, batch_size=3)
+    assert single.mAP == pytest.approx(ddp_map, abs=1e-6)
