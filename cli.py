@@ -595,6 +595,57 @@ def _report_run(result) -> None:
             console.print(f"  {escape(path)}: {escape(reason)}", soft_wrap=True)
 
 
+@app.command("eval")
+def eval_command(
+    checkpoint: Path = typer.Argument(..., help="A dclsify checkpoint (e.g. a run's best.safetensors)."),
+    data: str = typer.Option(..., help="Evaluation data: HDF5, a segment CSV or a manifest, of the model's classes."),
+    json_output: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    per_class: Path | None = typer.Option(None, "--per-class", help="Write each class's AP to this CSV."),
+    batch: int = typer.Option(32, min=1),
+    workers: int = typer.Option(0, min=0, help="DataLoader processes."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast)."),
+    trust_code: bool = typer.Option(False, "--trust-code", help="Allow a file: model source to run its Python file."),
+) -> None:
+    """mAP, mAUC, d-prime (and accuracy for single-label data) of a checkpoint on evaluation data."""
+    from dclsify.pipeline.evaluate import evaluate, write_per_class_csv
+    from dclsify.pipeline.sources import DataError
+    from dclsify.surgery.checkpoint import CheckpointError
+
+    _check_device(device)
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise typer.BadParameter("must be fp32, bf16 or fp16", param_hint="--precision")
+    with console.status(f"evaluating {checkpoint}"):
+        try:
+            result = evaluate(checkpoint, data, batch, workers, device, precision, trust_code)
+        except (CheckpointError, DataError) as error:
+            fail(str(error))
+    if per_class is not None:
+        try:
+            write_per_class_csv(result, per_class)
+        except OSError as error:
+            fail(f"cannot write {per_class}: {error.strerror or error}")
+    if json_output:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    console.print(f"{checkpoint} on {data}: {result.clips} clips, {result.classes} classes")
+    table = Table(box=box.SIMPLE_HEAD)
+    for heading in ("metric", "value"):
+        table.add_column(heading, justify="right" if heading == "value" else "left")
+    table.add_row("mAP", f"{result.mAP:.4f}")
+    table.add_row("mAUC", f"{result.mAUC:.4f}")
+    table.add_row("d-prime", f"{result.d_prime:.3f}")
+    if result.accuracy is not None:
+        table.add_row("top-1 accuracy", f"{result.accuracy:.4f}")
+    console.print(table)
+    if result.classes_without_positives:
+        console.print(
+            f"{result.classes_without_positives} classes have no positive clip here: left out of the averages"
+        )
+    if per_class is not None:
+        console.print(f"wrote {per_class}")
+
+
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
     console.print(f"[yellow]warning:[/] {message}")
 

@@ -11,9 +11,12 @@ import csv
 import io
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -135,3 +138,70 @@ def write_per_class_csv(metrics: Metrics, path: str | os.PathLike) -> None:
         writer.writerow([name, "" if ap is None else repr(ap), positives])
     with atomic_path(path) as temporary:
         temporary.write_text(text.getvalue())
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a precision name: fp32 (none), bf16 or fp16."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def score_clips(model, loader, frontend, device, precision, multi_label) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (sigmoid, or softmax for single-label data) and targets of every clip of the
+    loader, in dataset order; under DDP gathered from all ranks, each clip exactly once."""
+    model.eval()
+    indices, scores, targets = [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            waveforms = batch.waveforms.to(device, non_blocking=True)
+            with autocast(device, precision):
+                logits = model(frontend(waveforms)).float()
+            scores.append((torch.sigmoid(logits) if multi_label else logits.softmax(-1)).cpu().numpy())
+            targets.append(batch.targets.numpy())
+            indices.append(batch.indices.numpy())
+    parts = [(np.concatenate(indices), np.concatenate(scores), np.concatenate(targets))] if indices else []
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, parts)
+        parts = [part for rank_parts in gathered for part in rank_parts]
+    order_index = np.concatenate([p[0] for p in parts])
+    if len(np.unique(order_index)) != len(order_index):
+        raise RuntimeError("evaluation saw a clip twice: the evaluation sampler is wrong")
+    order = np.argsort(order_index)
+    return np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
+
+
+def evaluate(
+    checkpoint: str | os.PathLike,
+    data,
+    batch_size: int = 32,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    trust_code: bool = False,
+) -> Metrics:
+    """Metrics of a dclsify checkpoint on ``data`` (any source ``open_source`` reads), heard as
+    the model was trained: the clip format and log-mel settings come from the checkpoint."""
+    from dclsify.surgery.checkpoint import load
+
+    from .frontend import AudioConfig, LogMel
+    from .loader import make_loader
+    from .sources import DataError, open_source
+
+    device = torch.device(device)
+    model = load(checkpoint, device=device, trust_code=trust_code)
+    audio = model.audio or AudioConfig()
+    dataset = open_source(data, audio)
+    names = model.class_names
+    if names is not None and names != dataset.class_names:
+        raise DataError(
+            f"{checkpoint} was trained on {len(names)} classes and the data has {len(dataset.class_names)}"
+            + (" (the same number, other names or order)" if len(names) == len(dataset.class_names) else "")
+        )
+    head = model.dclsify.config.num_classes
+    if head is not None and head != len(dataset.class_names):
+        raise DataError(f"{checkpoint} scores {head} classes and the data has {len(dataset.class_names)}")
+    loader = make_loader(dataset, batch_size, train=False, workers=workers, pin_memory=device.type == "cuda")
+    scores, targets = score_clips(model, loader, LogMel(audio).to(device), device, precision, dataset.multi_label)
+    return metrics(scores, targets, dataset.multi_label, dataset.class_names)

@@ -33,23 +33,26 @@ class AudioConfig:
     std: float = 30.5735
 
     def __post_init__(self) -> None:
-        if self.f_max is None:
-            object.__setattr__(self, "f_max", min(14000.0, self.sample_rate / 2))
         for name in ("sample_rate", "n_fft", "hop_length", "n_mels"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"audio.{name} must be a positive integer, got {value!r}")
         if not self.seconds > 0:
             raise ValueError(f"audio.seconds must be positive, got {self.seconds!r}")
-        if not 0 <= self.f_min < self.f_max <= self.sample_rate / 2:
+        if not 0 <= self.f_min < self.top_frequency <= self.sample_rate / 2:
             raise ValueError(
                 f"audio.f_min and f_max must satisfy 0 <= f_min < f_max <= sample_rate/2 = {self.sample_rate / 2:g}, "
-                f"got {self.f_min:g} and {self.f_max:g}"
+                f"got {self.f_min:g} and {self.top_frequency:g}"
             )
         if not self.std > 0:
             raise ValueError(f"audio.std must be positive, got {self.std!r}")
         if self.samples < self.n_fft:
             raise ValueError(f"a clip of {self.seconds:g} s is shorter than one n_fft frame ({self.n_fft} samples)")
+
+    @property
+    def top_frequency(self) -> float:
+        """The mel filters' upper edge: f_max, or by default 14 kHz (the Nyquist frequency if lower)."""
+        return self.f_max if self.f_max is not None else min(14000.0, self.sample_rate / 2)
 
     @property
     def samples(self) -> int:
@@ -97,7 +100,7 @@ class LogMel(nn.Module):
             n_mels=config.n_mels,
             sample_rate=config.sample_rate,
             f_min=config.f_min,
-            f_max=config.f_max,
+            f_max=config.top_frequency,
             n_stft=config.n_fft // 2 + 1,
         )
         self.to_db = torchaudio.transforms.AmplitudeToDB(stype="power")

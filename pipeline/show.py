@@ -58,7 +58,7 @@ def show_clip(dataset: ClipDataset, index: int, output: str | os.PathLike, seed:
             logmel.numpy(), origin="lower", aspect="auto", cmap="magma", extent=(0, audio.seconds, 0, audio.n_mels)
         )
         bottom.set_xlabel("time (s)")
-        bottom.set_ylabel(f"mel bin ({audio.f_min:g}-{audio.f_max:g} Hz)")
+        bottom.set_ylabel(f"mel bin ({audio.f_min:g}-{audio.top_frequency:g} Hz)")
         figure.colorbar(image, ax=bottom, label="normalised log-mel")
     heading = f"{dataset.clip_name(index)}  -  {', '.join(labels) or 'no label'}"
     figure.suptitle(textwrap.shorten(heading, 140))

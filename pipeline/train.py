@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import Augment
+from .evaluate import autocast, metrics, score_clips
 from .frontend import LogMel
 from .loader import FailureLog, make_loader
 from .recipe import Recipe, RecipeError, load_recipe
@@ -82,12 +83,6 @@ def _device(name: str, local_rank: int) -> torch.device:
         device = torch.device("cuda", device.index if device.index is not None else local_rank)
         torch.cuda.set_device(device)
     return device
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 # -- the model and its optimiser ------------------------------------------------------------
@@ -172,34 +167,6 @@ def clamp_positions(model: nn.Module) -> None:
         for module in model.modules():
             if isinstance(module, Dcls2d):
                 module.clamp_parameters()
-
-
-# -- evaluation -----------------------------------------------------------------------------
-
-
-def score_clips(model, loader, frontend, device, precision, multi_label) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (sigmoid, or softmax for single-label data) and targets of every clip of the
-    loader, in dataset order; under DDP gathered from all ranks, each clip exactly once."""
-    model.eval()
-    indices, scores, targets = [], [], []
-    with torch.no_grad():
-        for batch in loader:
-            waveforms = batch.waveforms.to(device, non_blocking=True)
-            with _autocast(device, precision):
-                logits = model(frontend(waveforms)).float()
-            scores.append((torch.sigmoid(logits) if multi_label else logits.softmax(-1)).cpu().numpy())
-            targets.append(batch.targets.numpy())
-            indices.append(batch.indices.numpy())
-    parts = [(np.concatenate(indices), np.concatenate(scores), np.concatenate(targets))] if indices else []
-    if dist.is_initialized():
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, parts)
-        parts = [part for rank_parts in gathered for part in rank_parts]
-    order_index = np.concatenate([p[0] for p in parts])
-    if len(np.unique(order_index)) != len(order_index):
-        raise RuntimeError("evaluation saw a clip twice: the evaluation sampler is wrong")
-    order = np.argsort(order_index)
-    return np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
 
 
 # -- random states, progress, replicas ------------------------------------------------------
@@ -528,8 +495,6 @@ def _run(
 
     def evaluate() -> dict:
         nonlocal best_map, best_step, last_eval
-        from .evaluate import metrics
-
         results = {}
         for name, candidate in (("eval", model), ("eval_ema", None if ema is None else ema.module)):
             if candidate is not None:
@@ -580,7 +545,7 @@ def _run(
                         batch.waveforms.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True)
                     )
                     sync = trained.no_sync() if world > 1 and micro < t.accumulate - 1 else nullcontext()
-                    with sync, _autocast(device, t.precision):
+                    with sync, autocast(device, t.precision):
                         logits = forward(x).float()
                     loss = (
                         F.binary_cross_entropy_with_logits(logits, y) if multi_label else F.cross_entropy(logits, y)

@@ -262,7 +262,12 @@ def test_frontend_is_the_papers_log_mel(device):
 def test_frontend_sizes_follow_the_clip_format():
     assert AudioConfig().input_size == (128, 1001)
     short = AudioConfig(sample_rate=16000, seconds=1.0)
-    assert short.f_max == 8000 and short.samples == 16000 and short.input_size == (128, 51)
+    assert (
+        short.top_frequency == 8000
+        and AudioConfig().top_frequency == 14000
+        and short.samples == 16000
+        and short.input_size == (128, 51)
+    )
     assert LogMel(short)(torch.zeros(2, 16000, dtype=torch.int16)).shape == (2, 1, 128, 51)
     with pytest.raises(ValueError, match="f_max"):
         AudioConfig(sample_rate=16000, f_max=14000)

@@ -112,7 +112,10 @@ def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(sets, tmp_path
     resumed = train(out=tmp_path / "part", resume=True)
     assert resumed.steps == 12 and not resumed.interrupted
     assert losses(tmp_path / "part") == losses(tmp_path / "whole")  # the same floats, every step
-    a, b = torch.load(tmp_path / "whole/checkpoints/step_0000012.pt"), torch.load(tmp_path / "part/checkpoints/step_0000012.pt")
+    a, b = (
+        torch.load(tmp_path / "whole/checkpoints/step_0000012.pt"),
+        torch.load(tmp_path / "part/checkpoints/step_0000012.pt"),
+    )
     for key, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][key]), key
 
@@ -185,7 +188,9 @@ def test_run_directory_and_resume_errors(sets, tmp_path, monkeypatch):
     with pytest.raises(TrainError, match="no run to resume"):
         train(out=tmp_path / "nothing", resume=True)
     # no space left: the save fails cleanly, and the previous checkpoint survives untouched
-    saved = train(load_recipe(None, TINY + ["train.checkpoint_every=2"]), train_set, None, tmp_path / "full", stop_after=2)
+    saved = train(
+        load_recipe(None, TINY + ["train.checkpoint_every=2"]), train_set, None, tmp_path / "full", stop_after=2
+    )
     before = sorted((tmp_path / "full" / "checkpoints").iterdir())
     real_save = torch.save
 
@@ -194,7 +199,9 @@ def test_run_directory_and_resume_errors(sets, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(TrainError, match=r"No space left on device; the previous checkpoint .*step_0000002.pt is intact"):
+    with pytest.raises(
+        TrainError, match=r"No space left on device; the previous checkpoint .*step_0000002.pt is intact"
+    ):
         train(out=tmp_path / "full", resume=True, stop_after=4)
     assert sorted((tmp_path / "full" / "checkpoints").iterdir()) == before and saved.steps == 2
     assert [p.name for p in (tmp_path / "full" / "checkpoints").iterdir()] == ["step_0000002.pt"]
@@ -213,7 +220,9 @@ def test_train_and_eval_commands(sets, tmp_path):
     bad = runner.invoke(app, ["train", "--data", str(train_set), "--set", "train.lrr=1"])
     assert bad.exit_code == 1 and "did you mean train.lr" in bad.output
     per_class = tmp_path / "ap.csv"
-    evaluation = runner.invoke(app, ["eval", str(run / "best.safetensors"), "--data", str(eval_set), "--json", "--per-class", str(per_class)])
+    evaluation = runner.invoke(
+        app, ["eval", str(run / "best.safetensors"), "--data", str(eval_set), "--json", "--per-class", str(per_class)]
+    )
     assert evaluation.exit_code == 0, evaluation.output
     reported = json.loads(evaluation.output)
     # the same number scikit-learn gives on the model's scores
@@ -224,7 +233,9 @@ def test_train_and_eval_commands(sets, tmp_path):
 
     model = load(run / "best.safetensors")
     data = open_source(eval_set, model.audio)
-    scores, targets = score_clips(model, make_loader(data, 4, False), LogMel(model.audio), torch.device("cpu"), "fp32", True)
+    scores, targets = score_clips(
+        model, make_loader(data, 4, False), LogMel(model.audio), torch.device("cpu"), "fp32", True
+    )
     assert reported["mAP"] == pytest.approx(average_precision_score(targets, scores, average="macro"), abs=1e-9)
     assert per_class.read_text().splitlines()[0].startswith("class")
     missing = runner.invoke(app, ["eval", str(tmp_path / "none.safetensors"), "--data", str(eval_set)])
