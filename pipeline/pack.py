@@ -70,10 +70,21 @@ def _identity(dataset: LabelledFiles, source, audio: AudioConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def layout_attributes(audio: AudioConfig, class_names: list[str], multi_label: bool) -> dict:
+    """The attributes of a dclsify HDF5 file, which :class:`~dclsify.pipeline.sources.HDF5Clips` reads back."""
+    from dclsify import __version__
+
+    return dict(
+        sample_rate=audio.sample_rate,
+        clip_seconds=audio.seconds,
+        class_names=json.dumps(class_names),
+        multi_label=multi_label,
+        dclsify_version=__version__,
+    )
+
+
 def _create(path: Path, dataset: LabelledFiles, audio: AudioConfig, identity: str):
     import h5py
-
-    from dclsify import __version__
 
     handle = h5py.File(path, "w")
     name_length = max(len(dataset.clip_name(i).encode()) for i in range(len(dataset)))
@@ -87,11 +98,7 @@ def _create(path: Path, dataset: LabelledFiles, audio: AudioConfig, identity: st
     handle.create_dataset("skipped_index", (0,), dtype=np.int64, maxshape=(None,), chunks=(1024,))
     handle.create_dataset("skipped_reason", (0,), dtype=h5py.string_dtype(), maxshape=(None,), chunks=(1024,))
     handle.attrs.update(
-        sample_rate=audio.sample_rate,
-        clip_seconds=audio.seconds,
-        class_names=json.dumps(dataset.class_names),
-        multi_label=dataset.multi_label,
-        dclsify_version=__version__,
+        **layout_attributes(audio, dataset.class_names, dataset.multi_label),
         pack_identity=identity,
         committed=0,
         committed_skips=0,
