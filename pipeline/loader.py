@@ -78,6 +78,7 @@ def make_loader(
         drop_last=train,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),  # its seed draws must not move the global RNG: exact resume
     )
 
 
