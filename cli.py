@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -22,7 +23,7 @@ console = Console()
 
 def fail(message: str) -> None:
     """End the command with one clear line and exit status 1."""
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(1)
 
 
@@ -140,10 +141,10 @@ def bench(
         )
     console.print(table)
     if reference and results and results[0].reference_ms is None:
-        console.print("DCLS==0.1.1 is not installed: no reference timings (pip install 'dclsify[test]').")
+        console.print("DCLS==0.1.1 is not installed: no reference timings (pip install 'dclsify[test]').", markup=False)
     if json_path is not None:
         write_atomically(json_path, json.dumps([r.as_dict() for r in results], indent=2) + "\n")
-        console.print(f"wrote {json_path}")
+        console.print(f"wrote {json_path}", markup=False)
 
 
 @app.command("bench-model")
@@ -172,7 +173,9 @@ def bench_model_command(
             progress=lambda what: status.update(f"measuring {what}"),
         )
     precision = result.autocast or "fp32"
-    console.print(f"{model}, audio stem, 527 classes: batch {batch} of (1, 128, 1001), {device}, {precision}")
+    console.print(
+        f"{model}, audio stem, 527 classes: batch {batch} of (1, 128, 1001), {device}, {precision}", markup=False
+    )
     table = Table()
     for heading in ("samples/s", "DSC (7x7)", "DCLS (23x23/26)", "DCLS / DSC"):
         table.add_column(heading, justify="right")
@@ -188,7 +191,7 @@ def bench_model_command(
     console.print(table)
     if json_path is not None:
         write_atomically(json_path, json.dumps(result.as_dict(), indent=2) + "\n")
-        console.print(f"wrote {json_path}")
+        console.print(f"wrote {json_path}", markup=False)
 
 
 def _rewrite_options(
@@ -219,7 +222,9 @@ COUNT = typer.Option(26, help="Kernel elements per channel.")
 VERSION = typer.Option("gauss", help="gauss or v1.")
 MATCH = typer.Option("7", help="Depthwise kernel sizes to replace: 7, '5,7' or '>=5'.")
 SYNC = typer.Option("stage", help="Share P/SIG per stage, per channel count (model) or not at all (none).")
-STEM = typer.Option("audio", help="audio (2x16 stride 2x16), KHxKW[/SHxSW], or none to keep the original.")
+STEM = typer.Option(
+    "audio", help="audio (2x16, stride 2x16), KHxKW (stride = kernel), KHxKW/SHxSW, or none to keep the original."
+)
 IN_CHANS = typer.Option(1, help="Input channels of the new stem.")
 NUM_CLASSES = typer.Option(527, min=0, help="Classifier outputs (527 = AudioSet); 0 keeps the model's head.")
 DCLS = typer.Option(True, "--dcls/--no-dcls", help="--no-dcls: only the stem and head (the DSC baseline).")
@@ -259,7 +264,7 @@ def convert_command(
     from dclsify.surgery.rewrite import example_input
 
     options = _rewrite_options(kernel, count, version, match, sync, stem, in_chans, num_classes, dcls)
-    with console.status(f"converting {model}"):
+    with console.status(f"converting {escape(model)}"):
         rewritten = _or_fail(convert, model, pretrained=pretrained, **options).eval()
         report = rewritten.dclsify
         example = example_input(rewritten, report.config)
@@ -280,7 +285,9 @@ def convert_command(
         kernel_size = f"{first.kernel_size[0]}x{first.kernel_size[1]}"
         table.add_row(str(group), str(first.channels), size, kernel_size, str(len(members)))
     if groups:
-        console.print(f"{model}: {len(report.replaced)} depthwise convs replaced by Dcls2d {kernel}x{kernel}/{count}")
+        console.print(
+            f"{escape(model)}: {len(report.replaced)} depthwise convs replaced by Dcls2d {kernel}x{kernel}/{count}"
+        )
         console.print(table)
     console.print(f"stem: {report.stem or 'kept'}; classifier: {f'{num_classes} classes' if num_classes else 'kept'}")
     console.print(f"parameters: {report.parameters_before:,} before, {count_parameters(rewritten):,} after")
@@ -293,7 +300,7 @@ def convert_command(
         fail(f"cannot write {path}: {error.strerror or error}")
     except CheckpointError as error:
         fail(str(error))
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", markup=False)
 
 
 @app.command("diff")
@@ -308,7 +315,9 @@ def diff_command(
     in_chans: int = IN_CHANS,
     num_classes: int = NUM_CLASSES,
     dcls: bool = DCLS,
-    format: str = typer.Option("table", "--format", help="table, unified (diff of the FX graph code) or json."),
+    format: str = typer.Option(
+        "table", "--format", help="table, unified (a diff of the two graphs, one line per node) or json."
+    ),
 ) -> None:
     """Show what a rewrite changes in the model's FX graph."""
     from dclsify.surgery.checkpoint import create_source, load
@@ -318,7 +327,7 @@ def diff_command(
     if format not in ("table", "unified", "json"):
         raise typer.BadParameter("must be table, unified or json", param_hint="--format")
     options = _rewrite_options(kernel, count, version, match, sync, stem, in_chans, num_classes, dcls)
-    with console.status(f"tracing {model}"):
+    with console.status(f"tracing {escape(model)}"):
         if Path(model).is_file():  # a checkpoint: what it changed in its source model
             rewritten = _or_fail(load, model)
             original = _or_fail(create_source, rewritten.dclsify.source, **rewritten.dclsify.model_kwargs)
@@ -332,7 +341,7 @@ def diff_command(
     if format == "unified":
         typer.echo(result.unified(), nl=False)
         return
-    table = Table(title=f"{model}: {len(result.changes)} modules changed")
+    table = Table(title=f"{escape(model)}: {len(result.changes)} modules changed")
     for heading in ("node", "change", "before", "after", "kernel", "output", "params", "group"):
         table.add_column(heading, justify="left" if heading in ("node", "before", "after") else "right")
     styles = {"replaced": "yellow", "added": "green", "removed": "red"}
@@ -377,7 +386,7 @@ def models_command() -> None:
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    console.print(f"[yellow]warning:[/] {message}")
+    console.print(f"[yellow]warning:[/] {escape(str(message))}")
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -18,6 +19,16 @@ runner = CliRunner()
 def wide_console(monkeypatch):
     """Tables and errors unwrapped, whatever COLUMNS the shell exported (rich reads it once, at import)."""
     monkeypatch.setattr(cli, "console", Console(width=300))
+
+
+def test_help_of_the_app_and_of_every_command():
+    commands = typer.main.get_command(app).commands  # from the app, so that a command added later is covered too
+    assert {"bench", "bench-model", "convert", "diff", "models"} <= set(commands)
+    for args in [["--help"], *([name, "--help"] for name in commands)]:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0 and result.exception is None, (args, result.exception, result.output)
+        assert "Usage" in result.output and "Traceback" not in result.output, args
+    assert "KHxKW/SHxSW" in runner.invoke(app, ["convert", "--help"]).output  # help text is not read as markup
 
 
 def test_bench_prints_a_table_and_writes_json(tmp_path):
@@ -90,6 +101,7 @@ def test_convert_errors_are_one_line_and_write_nothing(tmp_path):
         (["timm:convnext_atto", "--sync", "block"], "sync must be one of"),
         (["hub:convnext"], "unknown model source 'hub:convnext'"),
         ([__file__], "is a file, not a model name"),
+        (["timm:[/x]"], "unknown timm model '[/x]'"),  # printed as given, not read as rich markup
     ]
     for args, expected in cases:
         result = runner.invoke(app, ["convert", *args, "-o", str(tmp_path / "x.safetensors")])
