@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import textwrap
 import warnings
 from pathlib import Path
 
 import typer
 from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -19,6 +23,41 @@ app = typer.Typer(
     help="Model surgery for audio tagging with Dilated Convolution with Learnable Spacings (DCLS).",
 )
 console = Console()
+
+
+COMPACT = dict(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)  # 2 spaces between columns
+
+
+def print_table(table: Table) -> None:
+    """Print a ``COMPACT`` table with no word cut, piped output being 80 columns wide: a column of single words
+    (node names, module types) keeps its width and the others wrap between words, where that adds the fewest lines;
+    a table whose words cannot fit is printed whole, wider than the console (where rich would cut words)."""
+    cells = [
+        [Text.from_markup(c).plain if isinstance(c, str) else c.plain for c in (column.header, *column.cells)]
+        for column in table.columns
+    ]
+
+    @functools.cache
+    def lines(index: int, width: int) -> int:
+        return sum(len(textwrap.wrap(cell, width, break_on_hyphens=False)) for cell in cells[index])
+
+    widths = [max(map(cell_len, column)) for column in cells]
+    narrowest = [max((cell_len(word) for cell in column for word in cell.split()), default=1) for column in cells]
+    gaps = 2 * (len(widths) - 1)
+    if sum(narrowest) + gaps > console.width:  # the words cannot fit: the whole table, wider than the console
+        table.width = sum(widths) + gaps
+    excess = sum(widths) + gaps - (table.width or console.width)
+    while excess > 0:  # narrow the column that wraps into the fewest new lines per character it gives up
+        _, index, narrower = min(
+            ((lines(i, narrower) - lines(i, width)) / (width - narrower), i, narrower)
+            for i, width in enumerate(widths)
+            for narrower in range(max(narrowest[i], width - excess), width)
+        )
+        excess -= widths[index] - narrower
+        widths[index] = narrower
+    for column, width in zip(table.columns, widths, strict=True):
+        column.width = width
+    console.print(table, crop=False)
 
 
 def fail(message: str) -> None:
@@ -121,8 +160,7 @@ def bench(
     table = Table(
         title=f"Dcls2d forward+backward: batch {batch}, kernel {kernel}, count {count}, {version}, {device}",
         caption="ms: ours; ref: DCLS 0.1.1; 7x7: a dense depthwise 7x7 conv; MiB: our kernel construction's peak",
-        box=box.SIMPLE_HEAD,
-        collapse_padding=True,
+        **COMPACT,
     )
     for heading in ("layer", "algorithm", "ms", "ref ms", "ref/ours", "7x7 ms", "ms/7x7", "MiB", "MiB/ref"):
         table.add_column(heading, justify="right", no_wrap=True)
@@ -139,7 +177,7 @@ def bench(
             f"{r.ours_kernel_bytes / 2**20:.1f}",
             "-" if missing else f"{r.memory_ratio:.3f}",
         )
-    console.print(table)
+    print_table(table)
     if reference and results and results[0].reference_ms is None:
         console.print("DCLS==0.1.1 is not installed: no reference timings (pip install 'dclsify[test]').", markup=False)
     if json_path is not None:
@@ -176,7 +214,7 @@ def bench_model_command(
     console.print(
         f"{model}, audio stem, 527 classes: batch {batch} of (1, 128, 1001), {device}, {precision}", markup=False
     )
-    table = Table()
+    table = Table(**COMPACT)
     for heading in ("samples/s", "DSC (7x7)", "DCLS (23x23/26)", "DCLS / DSC"):
         table.add_column(heading, justify="right")
     table.add_row(
@@ -188,7 +226,7 @@ def bench_model_command(
     table.add_row(
         "training step", f"{result.dsc_training:.2f}", f"{result.dcls_training:.2f}", f"{result.training_ratio:.2f}"
     )
-    console.print(table)
+    print_table(table)
     if json_path is not None:
         write_atomically(json_path, json.dumps(result.as_dict(), indent=2) + "\n")
         console.print(f"wrote {json_path}", markup=False)
@@ -273,7 +311,7 @@ def convert_command(
                 output_shape = tuple(rewritten(example).shape)
         except Exception as error:  # noqa: BLE001 - the model's own error, about the example
             fail(f"the rewritten model fails on a {tuple(example.shape)} input: {type(error).__name__}: {error}")
-    table = Table()
+    table = Table(**COMPACT)
     for heading in ("P/SIG group", "channels", "map (HxW)", "kernel", "layers"):
         table.add_column(heading, justify="right")
     groups: dict[int, list] = {}
@@ -288,7 +326,7 @@ def convert_command(
         console.print(
             f"{escape(model)}: {len(report.replaced)} depthwise convs replaced by Dcls2d {kernel}x{kernel}/{count}"
         )
-        console.print(table)
+        print_table(table)
     console.print(f"stem: {report.stem or 'kept'}; classifier: {f'{num_classes} classes' if num_classes else 'kept'}")
     console.print(f"parameters: {report.parameters_before:,} before, {count_parameters(rewritten):,} after")
     console.print(f"output on {tuple(example.shape)}: {output_shape}")
@@ -341,23 +379,22 @@ def diff_command(
     if format == "unified":
         typer.echo(result.unified(), nl=False)
         return
-    table = Table(title=f"{escape(model)}: {len(result.changes)} modules changed")
-    for heading in ("node", "change", "before", "after", "kernel", "output", "params", "group"):
-        table.add_column(heading, justify="left" if heading in ("node", "before", "after") else "right")
+    table = Table(title=f"{escape(model)}: {len(result.changes)} modules changed", **COMPACT)
+    for heading in ("node", "change", "module", "output", "params", "group"):
+        table.add_column(heading, justify="left" if heading in ("node", "change", "module") else "right")
     styles = {"replaced": "yellow", "added": "green", "removed": "red"}
     for c in result.changes:
-        kernel_change = " -> ".join(k for k in (c.kernel_before, c.kernel_after) if k) or ""
+        before = " ".join(part for part in (c.before, c.kernel_before) if part)
+        after = " ".join(part for part in (c.after, c.kernel_after) if part)
         table.add_row(
             c.target,
             f"[{styles[c.change]}]{c.change}[/]",
-            c.before or "",
-            c.after or "",
-            kernel_change,
+            " -> ".join(part for part in (before, after) if part),
             "" if c.output_shape is None else "x".join(map(str, c.output_shape[1:])),
             f"{c.params_before:,} -> {c.params_after:,}",
             "" if c.stage_group is None else str(c.stage_group),
         )
-    console.print(table)
+    print_table(table)
     console.print(
         f"parameters: {result.parameters_before:,} -> {result.parameters_after:,}; output {result.output_shape}"
     )
@@ -370,7 +407,7 @@ def models_command() -> None:
     from dclsify.surgery.checkpoint import create_source
     from dclsify.surgery.rewrite import depthwise_convs
 
-    table = Table(title="Families known to work (timm)")
+    table = Table(title="Families known to work (timm)", **COMPACT)
     for heading in ("family", "models", "depthwise convs in the first (replaced: 7x7)", "stem"):
         table.add_column(heading)
     with console.status("inspecting") as status:
@@ -382,7 +419,7 @@ def models_command() -> None:
                 sizes[key] = sizes.get(key, 0) + 1
             found = ", ".join(f"{n} x {k}" for k, n in sorted(sizes.items()))
             table.add_row(family.name, ", ".join(family.examples), found, family.stem_note)
-    console.print(table)
+    print_table(table)
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:

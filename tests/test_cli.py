@@ -1,5 +1,6 @@
 """The command line: real runs on tiny shapes, and one clear line for every user error."""
 
+import io
 import json
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import sys
 import pytest
 import typer
 from rich.console import Console
+from rich.table import Table
 from typer.testing import CliRunner
 
 from dclsify import __version__, cli
@@ -118,7 +120,7 @@ def test_diff_table_unified_and_json():
     table = runner.invoke(app, ["diff", "timm:fastvit_t8"])
     assert table.exit_code == 0, table.output
     assert "removed" in table.output and "added" in table.output and "Dcls2d" in table.output
-    assert "7x7 -> 23x23" in table.output
+    assert "Conv2d 7x7 -> Dcls2d 23x23" in table.output
     unified = runner.invoke(app, ["diff", "timm:fastvit_t8", "--format", "unified"]).output.splitlines()
     assert unified[:2] == ["--- before", "+++ after"]
     removed, added = _changed_lines(unified)
@@ -165,6 +167,31 @@ def test_unified_diff_shows_each_replaced_conv_and_the_stem():
             assert new.endswith(f"{dcls}, P/SIG group {stage})")
     assert len(removed) == len(added) == 14  # the stem, 12 convs and head.fc: nothing else
     assert " stages_0_blocks_0_norm_permute = stages_0_blocks_0_conv_dw.permute(0, 2, 3, 1)" in diff  # context
+
+
+def test_tables_piped_at_80_columns_keep_every_name_whole(monkeypatch):
+    monkeypatch.setattr(cli, "console", Console(width=80))  # what rich falls back to when output is not a terminal
+    result = runner.invoke(app, ["diff", "timm:convnext_atto"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(map(len, lines)) <= 80  # the module and params columns wrap instead
+    words = result.output.split()
+    names = [f"stages.{s}.blocks.{b}.conv_dw" for s, blocks in enumerate([2, 2, 6, 2]) for b in range(blocks)]
+    for name in ["stem.0", *names, "head.fc"]:
+        assert name in words
+    assert words.count("Dcls2d") == 12 and words.count("Conv2d") == 14 and words.count("Linear") == 2
+
+
+def test_a_table_whose_words_cannot_fit_is_printed_whole(monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(width=80, file=out))
+    table = Table(**cli.COMPACT)
+    table.add_column("node")
+    table.add_column("module")
+    name = "dense_stages.0.0.dense_block0.layers.layers.0.token_mixer.reparam_conv"  # with the longest word: 86 wide
+    table.add_row(name, "BatchNormAct2d -> Dcls2d 23x23")
+    cli.print_table(table)
+    assert out.getvalue().splitlines()[-1].split() == [name, "BatchNormAct2d", "->", "Dcls2d", "23x23"]  # not cut
 
 
 def test_models_lists_the_families():
