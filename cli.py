@@ -29,8 +29,8 @@ COMPACT = dict(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_pa
 
 
 def print_table(table: Table) -> None:
-    """Print a ``COMPACT`` table with no word cut, piped output being 80 columns wide: a column of single words
-    (node names, module types) keeps its width and the others wrap between words, where that adds the fewest lines;
+    """Print a ``COMPACT`` table with no word cut, piped output being 80 columns wide: a ``no_wrap`` column or one of
+    single words (node names, module types) keeps its width, the others wrap between words where that adds fewest lines;
     a table whose words cannot fit is printed whole, wider than the console (where rich would cut words)."""
     cells = [
         [Text.from_markup(c).plain if isinstance(c, str) else c.plain for c in (column.header, *column.cells)]
@@ -42,7 +42,10 @@ def print_table(table: Table) -> None:
         return sum(len(textwrap.wrap(cell, width, break_on_hyphens=False)) for cell in cells[index])
 
     widths = [max(map(cell_len, column)) for column in cells]
-    narrowest = [max((cell_len(word) for cell in column for word in cell.split()), default=1) for column in cells]
+    narrowest = [
+        width if column.no_wrap else max((cell_len(word) for cell in texts for word in cell.split()), default=1)
+        for column, texts, width in zip(table.columns, cells, widths, strict=True)
+    ]
     gaps = 2 * (len(widths) - 1)
     if sum(narrowest) + gaps > console.width:  # the words cannot fit: the whole table, wider than the console
         table.width = sum(widths) + gaps
@@ -62,7 +65,7 @@ def print_table(table: Table) -> None:
 
 def fail(message: str) -> None:
     """End the command with one clear line and exit status 1."""
-    console.print(f"[bold red]error:[/] {escape(message)}")
+    console.print(f"[bold red]error:[/] {escape(message)}")  # brackets in a message are text, not markup
     raise typer.Exit(1)
 
 
@@ -266,6 +269,11 @@ STEM = typer.Option(
 IN_CHANS = typer.Option(1, help="Input channels of the new stem.")
 NUM_CLASSES = typer.Option(527, min=0, help="Classifier outputs (527 = AudioSet); 0 keeps the model's head.")
 DCLS = typer.Option(True, "--dcls/--no-dcls", help="--no-dcls: only the stem and head (the DSC baseline).")
+TRUST_CODE = typer.Option(
+    False,
+    "--trust-code",
+    help="Let a checkpoint whose source is file:PATH.py:FACTORY run that file to rebuild its model.",
+)
 
 
 def _or_fail(function, *args, **kwargs):
@@ -356,6 +364,7 @@ def diff_command(
     format: str = typer.Option(
         "table", "--format", help="table, unified (a diff of the two graphs, one line per node) or json."
     ),
+    trust_code: bool = TRUST_CODE,
 ) -> None:
     """Show what a rewrite changes in the model's FX graph."""
     from dclsify.surgery.checkpoint import create_source, load
@@ -367,7 +376,7 @@ def diff_command(
     options = _rewrite_options(kernel, count, version, match, sync, stem, in_chans, num_classes, dcls)
     with console.status(f"tracing {escape(model)}"):
         if Path(model).is_file():  # a checkpoint: what it changed in its source model
-            rewritten = _or_fail(load, model)
+            rewritten = _or_fail(load, model, trust_code=trust_code)
             original = _or_fail(create_source, rewritten.dclsify.source, **rewritten.dclsify.model_kwargs)
         else:
             original = _or_fail(create_source, model)
@@ -420,6 +429,154 @@ def models_command() -> None:
             found = ", ".join(f"{n} x {k}" for k, n in sorted(sizes.items()))
             table.add_row(family.name, ", ".join(family.examples), found, family.stem_note)
     print_table(table)
+
+
+def _audio_config(sample_rate: int | None, seconds: float | None):
+    """The run's clip format from CLI options; None where neither is given (the data's own)."""
+    from dclsify.pipeline.frontend import AudioConfig
+
+    if sample_rate is None and seconds is None:
+        return None
+    try:
+        return AudioConfig(sample_rate=sample_rate or 32000, seconds=seconds or 10.0)
+    except ValueError as error:
+        fail(str(error))
+
+
+def _open_data(source: str, audio_dir: Path | None, labels: Path | None, audio):
+    from dclsify.pipeline.sources import DataError, open_source
+
+    try:
+        return open_source(source, audio, audio_dir, labels)
+    except DataError as error:
+        fail(str(error))
+
+
+SAMPLE_RATE = typer.Option(
+    None, "--sample-rate", min=1, help="Resample clips to this rate (default 32000; packed data: its own)."
+)
+SECONDS = typer.Option(
+    None, "--seconds", min=0.01, help="Pad or cut clips to this length (default 10; packed data: its own)."
+)
+AUDIO_DIR = typer.Option(
+    None, "--audio-dir", help="Folder of the clips a segment CSV names (default: the CSV's folder)."
+)
+LABELS = typer.Option(
+    None, "--labels", help="Class list for a manifest: class_labels_indices.csv-like, or one name a line."
+)
+
+
+@app.command("pack")
+def pack_command(
+    source: str = typer.Argument(..., help="An AudioSet segment CSV, or a manifest (.csv with path,labels or .jsonl)."),
+    output: Path = typer.Option(..., "-o", "--output", help="The HDF5 file to write."),
+    audio_dir: Path | None = AUDIO_DIR,
+    labels: Path | None = LABELS,
+    sample_rate: int = typer.Option(32000, "--sample-rate", min=1, help="Resample every clip to this rate."),
+    seconds: float = typer.Option(10.0, "--seconds", min=0.01, help="Pad or cut every clip to this length."),
+    workers: int | None = typer.Option(None, min=0, help="Decoding processes (default: one per core)."),
+) -> None:
+    """Decode a segment CSV + folder, or a manifest, into one HDF5 file (PANNs layout). Resumable."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dclsify.pipeline.pack import pack
+    from dclsify.pipeline.sources import DataError
+
+    audio = _audio_config(sample_rate, seconds)
+    columns = (
+        TextColumn("packing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} clips/s"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("packing", total=None, rate="-")
+
+        def progress(done: int, total: int) -> None:
+            speed = bar.tasks[0].speed
+            bar.update(task, completed=done, total=total, rate="-" if speed is None else f"{speed:.0f}")
+
+        try:
+            report = pack(source, output, audio_dir, labels, audio, workers, progress)
+        except DataError as error:
+            fail(str(error))
+        except KeyboardInterrupt:
+            done = bar.tasks[0].completed
+            fail(f"interrupted after {done:.0f} clips; what was packed is kept: run the same command to continue")
+    if report.skipped:
+        table = Table(
+            title=f"{len(report.skipped)} clips skipped (all listed in {escape(str(report.skip_report))})", **COMPACT
+        )
+        for heading in ("clip", "reason", "path"):
+            table.add_column(heading)
+        for name, path, reason in report.skipped[:20]:
+            table.add_row(escape(name), escape(reason), escape(path))
+        if len(report.skipped) > 20:
+            table.add_row("...", f"{len(report.skipped) - 20} more", escape(str(report.skip_report)))
+        print_table(table)
+    resumed = f", continuing {report.resumed_from} done before" if report.resumed_from else ""
+    console.print(
+        f"packed {report.packed} clips of {audio.seconds:g} s at {audio.sample_rate} Hz to {output} "
+        f"({report.clips_per_second:.1f} clips/s{resumed})",
+        markup=False,
+    )
+
+
+@app.command("show")
+def show_command(
+    source: str = typer.Argument(..., help="An HDF5 file, a segment CSV or a manifest."),
+    index: int = typer.Option(0, "--index", min=0, help="Which clip."),
+    output: Path = typer.Option(Path("spec.png"), "-o", "--output", help="The PNG to write."),
+    audio_dir: Path | None = AUDIO_DIR,
+    labels: Path | None = LABELS,
+    sample_rate: int | None = SAMPLE_RATE,
+    seconds: float | None = SECONDS,
+    seed: int = typer.Option(0, help="Seed of the augmentation draw."),
+) -> None:
+    """Draw a clip's waveform and log-mel spectrogram, before and after augmentation."""
+    from dclsify.pipeline.show import show_clip
+
+    dataset = _open_data(source, audio_dir, labels, _audio_config(sample_rate, seconds))
+    try:
+        path = show_clip(dataset, index, output, seed)
+    except (IndexError, ValueError) as error:
+        fail(str(error))
+    except OSError as error:
+        fail(f"cannot write {output}: {error.strerror or error}")
+    names = ", ".join(dataset.labels(index)) or "no label"
+    console.print(f"clip {index} ({dataset.clip_name(index)}: {names}) drawn to {path}", markup=False)
+
+
+@app.command("bench-data")
+def bench_data_command(
+    path: str = typer.Argument(..., help="An HDF5 file (or several: a,b or a glob) to read."),
+    batch: int = typer.Option(32, min=1),
+    workers: int | None = typer.Option(None, min=0, help="DataLoader workers (default: one per core, at most 8)."),
+    device: str = typer.Option("cpu", help="Where the front-end and augmentation run: cpu, cuda, cuda:1, ..."),
+    batches: int = typer.Option(20, min=1, help="Batches the loader is timed over."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+) -> None:
+    """Clips per second of the loader (read + collate) and of the front-end + augmentation on the device."""
+    from dclsify.pipeline.bench import bench_data
+    from dclsify.pipeline.sources import DataError
+
+    _check_device(device)
+    with console.status("measuring"):
+        try:
+            result = bench_data(path, batch, workers, device, batches)
+        except DataError as error:
+            fail(str(error))
+    table = Table(title=f"{escape(path)}: batch {result.batch} of {result.clip_seconds:g}-s clips", **COMPACT)
+    for heading in ("stage", "where", "clips/s"):
+        table.add_column(heading, justify="right" if heading == "clips/s" else "left", no_wrap=True)
+    table.add_row("read + collate (loader)", f"{result.workers} workers", f"{result.loader_clips_per_second:,.0f}")
+    table.add_row("log-mel (evaluation)", result.device, f"{result.frontend_clips_per_second:,.0f}")
+    table.add_row("augment + log-mel (training)", result.device, f"{result.augment_clips_per_second:,.0f}")
+    print_table(table)
+    if json_path is not None:
+        write_atomically(json_path, json.dumps(result.as_dict(), indent=2) + "\n")
+        console.print(f"wrote {json_path}", markup=False)
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -6,20 +6,57 @@ import difflib
 import importlib.util
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from packaging.version import InvalidVersion, Version
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from .dcls import LargeKernelConv2d
 from .rewrite import RewriteConfig, SurgeryError, rewrite
 
 FORMAT = "dclsify"
+METADATA_KEYS = (
+    "format",
+    "dclsify_version",
+    "timm_version",
+    "torch_version",
+    "source",
+    "model_kwargs",
+    "rewrite",
+    "class_names",
+    "pretrained",
+)
+JSON_METADATA = ("model_kwargs", "rewrite", "class_names", "pretrained")
+
+# The timm model arguments a checkpoint may record: what shapes the architecture (generic
+# timm arguments, then those of the registered families' classes). Everything else is
+# refused, first among them what makes timm read a file or the network (pretrained,
+# pretrained_cfg*, checkpoint_path, cache_dir) and what changes what the model returns
+# (features_only, out_indices, fork_feat) or where it lives (device, dtype).
+ARCHITECTURE_KWARGS = frozenset(
+    {
+        *("num_classes", "in_chans", "global_pool", "output_stride", "img_size", "patch_size"),
+        *("drop_rate", "drop_path_rate", "proj_drop_rate", "attn_drop_rate", "pos_drop_rate"),
+        *("depth", "depths", "dim", "dims", "base_dim", "embed_dims", "layers", "heads", "num_heads"),
+        *("kernel_size", "kernel_sizes", "repmixer_kernel_size", "mlp_ratio", "mlp_ratios"),
+        *("expand_ratio", "expansion_ratio", "conv_ratio", "cls_ratio", "global_block_counts", "d2_scales"),
+        *("act_layer", "mlp_act", "norm_layer", "norm_layers", "norm_eps", "token_mixers", "mlp_bias"),
+        *("stem_type", "stem_mid_norm", "stem_use_scale_branch", "lkc_use_act", "use_pos_emb", "pos_embs"),
+        *("downsample", "downsamples", "se_downsamples", "down_patch_size", "down_stride", "downsample_block"),
+        *("downsample_norm", "conv_mlp", "conv_bias", "use_grn", "output_norm", "use_mlp_head", "head_fn"),
+        *("ls_init_value", "layer_scale_init_value", "layer_scale_init_values", "res_scale_init_values"),
+        *("head_init_scale", "head_norm_first", "head_hidden_size", "growth_rates", "num_blocks_list"),
+        *("block_type", "is_downsample_block", "bottleneck_width_ratio", "transition_compression_ratio"),
+        "num_init_features",
+    }
+)
 
 
 class CheckpointError(ValueError):
@@ -45,6 +82,54 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def code_path(source: str) -> Path | None:
+    """The Python file a ``file:PATH.py:FACTORY`` source runs; None for a timm source."""
+    if not source.startswith("file:"):
+        return None
+    return Path(source.removeprefix("file:").rpartition(":")[0])
+
+
+def require_trust(source: str, trust_code: bool, named_by: str | os.PathLike) -> None:
+    """Refuse to go on where ``named_by`` (a checkpoint, a recipe, a run directory) asks
+    to build its model from a Python file, unless the caller trusts that file.
+
+    timm sources run nothing but timm, so they need no consent; a ``file:`` source runs
+    whatever its file holds, which whoever sent the checkpoint may have sent along.
+    """
+    path = code_path(source)
+    if path is not None and not trust_code:
+        raise CheckpointError(
+            f"{named_by} would run the Python file {path.absolute()} to build its model: refused; "
+            "if you trust that file, pass trust_code=True (--trust-code on the command line)"
+        )
+
+
+def check_model_kwargs(source: str, model_kwargs: dict) -> None:
+    """``model_kwargs`` that a checkpoint may record for ``source``: for a timm model, only
+    :data:`ARCHITECTURE_KWARGS` with JSON scalar or list values, so that rebuilding one
+    reads no other file and nothing from the network; for a ``file:`` factory, whose code
+    runs only with consent, any keyword but ``pretrained`` (``convert``'s own)."""
+    if not isinstance(model_kwargs, dict):
+        raise SurgeryError(f"model_kwargs must be a mapping of keyword arguments, got {model_kwargs!r}")
+    for key, value in model_kwargs.items():
+        if code_path(source) is not None:
+            if not isinstance(key, str) or not key.isidentifier() or key == "pretrained":
+                raise SurgeryError(f"model_kwargs {key!r} cannot be a keyword argument of {source}")
+        elif key not in ARCHITECTURE_KWARGS:
+            raise SurgeryError(
+                f"model_kwargs {key!r} is not an architecture argument of a timm model: a checkpoint may only "
+                "record what shapes the model (weights travel in the checkpoint; pretrained= is convert's)"
+            )
+        elif not _is_json_scalar_or_list(value):
+            raise SurgeryError(f"model_kwargs {key!r} must be a number, string, bool, null or list, got {value!r}")
+
+
+def _is_json_scalar_or_list(value) -> bool:
+    if isinstance(value, list):
+        return all(map(_is_json_scalar_or_list, value))
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
 def _from_file(source: str, **model_kwargs) -> nn.Module:
     path, _, factory = source.removeprefix("file:").rpartition(":")
     if not path or not Path(path).is_file():
@@ -57,12 +142,79 @@ def _from_file(source: str, **model_kwargs) -> nn.Module:
     return getattr(module, factory)(**model_kwargs)
 
 
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, on the CPU, unpickling nothing but tensors.
+
+    A ``.safetensors`` file is read with safetensors; anything else (``.pth``, ``.bin``,
+    ``.pt``) with ``torch.load(weights_only=True)``, which refuses a file that needs more
+    than tensors and plain containers (one that would run code as it unpickles). A
+    training checkpoint holding its state dict under ``"state_dict"`` or ``"model"`` works.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no such weights file: {path}")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's weights-only unpickler stops, running nothing, at the first thing that is not plain data
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "")
+        if "GLOBAL" not in reason:
+            raise CheckpointError(f"{path} is not a readable PyTorch weights file ({reason})") from None
+        raise CheckpointError(
+            f"{path} holds pickled Python objects, not only tensors, and unpickling them could run code: "
+            f"refused ({reason}); if you trust it, load it yourself and save its state dict with safetensors"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as error:
+        detail = " ".join(str(error).split())[:200] or type(error).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch weights file ({detail})") from None
+    if isinstance(loaded, dict):
+        loaded = next((loaded[k] for k in ("state_dict", "model") if isinstance(loaded.get(k), dict)), loaded)
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return loaded
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise _unreadable(path, error) from None
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    """What is wrong with a file safetensors cannot read, in words (the format: 8 bytes giving
+    the JSON header's length, the header, then the tensors' bytes)."""
+    if isinstance(error, OSError):
+        return CheckpointError(f"cannot read {path}: {error.strerror or error}")
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        header_length = int.from_bytes(file.read(8), "little")
+        header = file.read(min(header_length, size))
+    if size == 0:
+        reason = "it is empty (0 bytes)"
+    elif size < 8:
+        reason = f"it is {size} bytes long, too short to hold a header"
+    elif header_length > size - 8:
+        reason = f"its header says it is {header_length:,} bytes long, but the file holds {size:,} bytes"
+    else:
+        try:
+            json.loads(header)
+            reason = f"its tensors do not fill the file as its header says: truncated or damaged ({error})"
+        except ValueError:
+            reason = "its header is not JSON"
+    return CheckpointError(f"{path} is not a readable safetensors file: {reason}")
+
+
 def create_source(source: str, pretrained: str | os.PathLike | None = None, **model_kwargs) -> nn.Module:
     """The model a source names: ``timm:NAME`` (or a bare timm name), or ``file:PATH.py:FACTORY``
     (``FACTORY(**model_kwargs)`` from a Python file).
 
     Nothing is downloaded: a timm model starts from random weights, or from ``pretrained``,
-    a local weights file (.safetensors, .pth or .bin, as timm publishes them).
+    a local weights file (.safetensors, .pth or .bin, as timm publishes them, read by
+    :func:`read_state_dict`: tensors only).
     """
     import timm
 
@@ -86,25 +238,48 @@ def create_source(source: str, pretrained: str | os.PathLike | None = None, **mo
         return timm.create_model(name, pretrained=False, **model_kwargs)
     if not Path(pretrained).is_file():
         raise SurgeryError(f"no such weights file: {pretrained}")
+    # timm is handed the tensors, not the file: it never unpickles anything itself
+    overlay = {"state_dict": read_state_dict(pretrained)}
     try:
-        overlay = {"file": str(pretrained)}
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **model_kwargs)
-    except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as error:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **model_kwargs)
+    except (RuntimeError, ValueError, KeyError) as error:
         detail = " ".join(str(error).split()) or type(error).__name__
         detail = detail if len(detail) <= 300 else detail[:300] + "..."
         raise SurgeryError(f"{pretrained} does not fit timm's {name}: {detail}") from None
+    model.pretrained_cfg.pop("state_dict", None)  # timm keeps the overlay: every copy of the model would carry it
+    return model
 
 
 def convert(
     source: str, model_kwargs: dict | None = None, pretrained: str | os.PathLike | None = None, **rewrite_args
 ) -> nn.Module:
     """``rewrite(create_source(source, pretrained))``, remembering the source so that
-    :func:`save` can describe it (the weights themselves travel in the checkpoint)."""
-    model = rewrite(create_source(source, pretrained, **(model_kwargs or {})), **rewrite_args)
+    :func:`save` can describe it (the weights themselves travel in the checkpoint).
+
+    ``model_kwargs`` are those :func:`check_model_kwargs` allows: what a checkpoint may record.
+    """
+    model_kwargs = dict(model_kwargs or {})
+    check_model_kwargs(source, model_kwargs)
+    model = rewrite(create_source(source, pretrained, **model_kwargs), **rewrite_args)
     model.dclsify.source = source if source.startswith(("timm:", "file:")) else f"timm:{source}"
-    model.dclsify.model_kwargs = dict(model_kwargs or {})
+    model.dclsify.model_kwargs = model_kwargs
     model.dclsify.pretrained = None if pretrained is None else str(pretrained)
     return model
+
+
+def _head_size(model: nn.Module) -> int | None:
+    """The number of classes the model's head gives, where the model says it."""
+    size = model.dclsify.config.num_classes
+    return size if size is not None else getattr(model, "num_classes", None)
+
+
+def _check_class_names(class_names, head_size: int | None) -> None:
+    if class_names is None:
+        return
+    if not isinstance(class_names, list) or not all(isinstance(name, str) for name in class_names):
+        raise CheckpointError(f"class_names must be a list of strings or None, got {class_names!r}"[:300])
+    if head_size is not None and len(class_names) != head_size:
+        raise CheckpointError(f"class_names holds {len(class_names)} names for a head of {head_size} classes")
 
 
 def save(model: nn.Module, path: str | os.PathLike, class_names: list[str] | None = None) -> Path:
@@ -112,7 +287,7 @@ def save(model: nn.Module, path: str | os.PathLike, class_names: list[str] | Non
 
     Parameters shared between layers (synchronised ``P``/``SIG``) are stored once. The
     write goes through a temporary file: an interrupted save never leaves a partial
-    file under ``path``.
+    file under ``path``. ``class_names``, when given, name the head's outputs.
     """
     import timm
 
@@ -123,6 +298,7 @@ def save(model: nn.Module, path: str | os.PathLike, class_names: list[str] | Non
         raise CheckpointError("save() needs a model made by dclsify.convert(), which knows its source")
     if any(isinstance(m, LargeKernelConv2d) for m in model.modules()):
         raise CheckpointError("save() takes the trainable model, not a baked one: bake() again after load()")
+    _check_class_names(class_names, _head_size(model))
     metadata = {
         "format": FORMAT,
         "dclsify_version": __version__,
@@ -140,40 +316,106 @@ def save(model: nn.Module, path: str | os.PathLike, class_names: list[str] | Non
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The decoded metadata of a dclsify checkpoint."""
+    """The decoded metadata of a dclsify checkpoint, checked: every key this dclsify writes
+    and no other, each of its type, the rewrite arguments in their ranges, the model
+    arguments those :func:`check_model_kwargs` allows. Nothing is built and no code runs."""
+    from dclsify import __version__
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no such checkpoint: {path}")
     try:
         with safe_open(path, framework="pt") as reader:
             raw = reader.metadata() or {}
+            tensor_names = set(reader.keys())
     except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from None
+        raise _unreadable(path, error) from None
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a dclsify checkpoint (no rebuild metadata)")
-    decoded = dict(raw)
     try:
-        for key in ("model_kwargs", "rewrite", "class_names", "pretrained"):
+        written_by = Version(raw.get("dclsify_version", ""))
+    except InvalidVersion:
+        version = raw.get("dclsify_version")
+        raise CheckpointError(f"{path}: metadata 'dclsify_version' is not a version: {version!r}") from None
+    if written_by > Version(__version__):
+        raise CheckpointError(
+            f"{path} was written by dclsify {written_by}, newer than this dclsify {__version__}: upgrade to load it"
+        )
+    # besides ours, safetensors records each shared tensor's other names: name -> stored name
+    unknown = [key for key, value in raw.items() if key not in METADATA_KEYS and value not in tensor_names]
+    missing = [key for key in METADATA_KEYS if key not in raw]
+    if unknown or missing:
+        what = f"unknown keys {unknown}" if unknown else f"missing keys {missing}"
+        raise CheckpointError(f"{path}: damaged dclsify metadata: {what}"[:500])
+    decoded = {key: raw[key] for key in METADATA_KEYS}
+    for key in JSON_METADATA:
+        try:
             decoded[key] = json.loads(raw[key])
-    except (KeyError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: damaged dclsify metadata ({type(error).__name__}: {error})") from None
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{path}: damaged dclsify metadata: {key!r} is not JSON ({error})") from None
+    source, pretrained = decoded["source"], decoded["pretrained"]
+    if not source.startswith(("timm:", "file:")):
+        raise CheckpointError(f"{path}: metadata 'source' must be timm:NAME or file:PATH.py:FACTORY, got {source!r}")
+    if pretrained is not None and not isinstance(pretrained, str):
+        raise CheckpointError(f"{path}: metadata 'pretrained' must be a file name or null, got {pretrained!r}")
+    try:
+        check_model_kwargs(source, decoded["model_kwargs"])
+        config = RewriteConfig.from_dict(decoded["rewrite"])
+    except SurgeryError as error:
+        raise CheckpointError(f"{path}: metadata: {error}") from None
+    try:
+        _check_class_names(decoded["class_names"], config.num_classes)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: metadata: {error}") from None
     return decoded
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model a checkpoint describes and load its weights (strictly)."""
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", trust_code: bool = False) -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights (strictly).
+
+    The metadata is checked (:func:`read_metadata`) before anything is built. A timm
+    source is rebuilt freely; a ``file:PATH.py:FACTORY`` source runs that file, so it is
+    refused unless ``trust_code=True`` (:func:`require_trust`). Every tensor the model
+    needs must be in the file, of its dtype and shape, and no other.
+    """
     metadata = read_metadata(path)
+    require_trust(metadata["source"], trust_code, path)
     try:
-        config = RewriteConfig(**metadata["rewrite"])
-    except TypeError as error:
-        raise CheckpointError(f"{path}: rewrite arguments this dclsify does not know ({error})") from None
-    arguments = config.as_dict()
-    if arguments["match"] == "predicate":
-        raise CheckpointError(f"{path} was rewritten with a Python predicate for match, which cannot be rebuilt")
-    model = convert(metadata["source"], metadata["model_kwargs"], **arguments)
+        model = convert(metadata["source"], metadata["model_kwargs"], **metadata["rewrite"])
+    except SurgeryError as error:
+        raise CheckpointError(f"{path}: the model its metadata describes cannot be built: {error}") from None
+    except Exception as error:  # noqa: BLE001 - the model's own error, about arguments the metadata gave it
+        detail = " ".join(str(error).split())[:300]
+        raise CheckpointError(
+            f"{path}: the model its metadata describes cannot be built ({type(error).__name__}: {detail})"
+        ) from None
     try:
-        load_model(model, path, strict=True, device=str(device))
-    except (SafetensorError, RuntimeError) as error:
-        raise CheckpointError(f"{path}: weights do not fit the rebuilt model ({error})") from None
+        _check_class_names(metadata["class_names"], _head_size(model))
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: metadata: {error}") from None
+    weights = _read_safetensors(Path(path))  # whatever its suffix: read_metadata found a safetensors file
+    _check_weights(path, weights, model)
+    model.load_state_dict(weights, strict=False)  # what strict would call missing: aliases of a stored tensor
     model.class_names = metadata["class_names"]
     return model.to(device)
+
+
+def _check_weights(path: str | os.PathLike, weights: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Refuse weights that are not exactly the model's: a tensor missing, one too many,
+    or one of another dtype or shape (which load_state_dict would silently convert)."""
+    expected = model.state_dict(keep_vars=True)
+    names_of: dict[int, list[str]] = {}  # a tensor shared between layers is stored under one of its names
+    for name, tensor in expected.items():
+        names_of.setdefault(id(tensor), []).append(name)
+    missing = [names[0] for names in names_of.values() if not any(name in weights for name in names)]
+    extra = [name for name in weights if name not in expected]
+    wrong = [
+        f"{name} is {tensor.dtype} {tuple(tensor.shape)}, the model's {expected[name].dtype} "
+        f"{tuple(expected[name].shape)}"
+        for name, tensor in weights.items()
+        if name in expected and (tensor.dtype, tensor.shape) != (expected[name].dtype, expected[name].shape)
+    ]
+    for problem, names in (("missing", missing), ("not in the model", extra), ("of the wrong dtype or shape", wrong)):
+        if names:
+            listed = "; ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise CheckpointError(f"{path}: weights do not fit the rebuilt model: {len(names)} {problem}: {listed}")

@@ -13,7 +13,7 @@ import copy
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.fx
@@ -51,6 +51,37 @@ class RewriteConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, arguments: dict) -> RewriteConfig:
+        """The config that :meth:`as_dict` gave (read back from a checkpoint, say), checked as
+        :func:`rewrite` checks its arguments: every field, of its type, in its range, and no other."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(arguments, dict):
+            raise SurgeryError(f"rewrite arguments must be a mapping, got {type(arguments).__name__}")
+        unknown = [key for key in arguments if key not in names]
+        missing = [name for name in names if name not in arguments]
+        if unknown or missing:
+            what = f"unknown rewrite arguments {unknown}" if unknown else f"missing rewrite arguments {missing}"
+            raise SurgeryError(what)
+        match, stem, num_classes, input_size = (arguments[k] for k in ("match", "stem", "num_classes", "input_size"))
+        if match == "predicate":
+            raise SurgeryError("match was a Python predicate, which cannot be rebuilt")
+        sizes = isinstance(match, list) and match and all(map(_is_int, match))
+        if not (_is_int(match) or isinstance(match, str) or sizes):
+            raise SurgeryError(f"match must be a kernel size, a list of sizes or '>=N', got {match!r}")
+        _kernel_matcher(match)
+        pairs = isinstance(stem, list) and len(stem) == 2 and all(isinstance(p, list) and len(p) == 2 for p in stem)
+        if stem is not None and not (pairs and all(_is_int(v) and v >= 1 for p in stem for v in p)):
+            raise SurgeryError(f"stem must be None or [[kh, kw], [sh, sw]] of positive ints, got {stem!r}")
+        if num_classes is not None and not (_is_int(num_classes) and num_classes >= 0):
+            raise SurgeryError(f"num_classes must be None or an int >= 0, got {num_classes!r}")
+        if not isinstance(arguments["dcls"], bool) or not _is_int(arguments["seed"]):
+            raise SurgeryError(f"dcls must be a bool and seed an int, got {arguments['dcls']!r}, {arguments['seed']!r}")
+        if not isinstance(input_size, (list, tuple)):
+            raise SurgeryError(f"input_size must be (mels, frames), two positive ints, got {input_size!r}")
+        _check_arguments(*(arguments[k] for k in ("kernel", "count", "version", "sync", "in_chans")), tuple(input_size))
+        return cls(**{**arguments, "input_size": tuple(input_size)})
 
 
 @dataclass
@@ -185,6 +216,10 @@ def _rewrite_stem(model, family, geometry, in_chans: int) -> str:
     old = model.get_submodule(name)
     model.set_submodule(name, conv_factory(old.out_channels, old.bias is not None))
     return name
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_arguments(kernel, count, version, sync, in_chans, input_size) -> None:

@@ -244,3 +244,64 @@ def test_convert_keeping_the_stem_and_head_and_unwritable_json(tmp_path):
     json_args = ["bench", "--shapes", "4x8x8", "--no-reference", "--repeats", "1", "--json", str(blocker / "x.json")]
     result = runner.invoke(app, json_args)
     assert result.exit_code == 1 and "cannot write" in result.output and "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def atto_checkpoint(tmp_path_factory):
+    from dclsify import convert, save
+
+    model = convert("timm:convnext_atto", kernel=11, count=9, num_classes=7)
+    return save(model, tmp_path_factory.mktemp("atto") / "atto.safetensors")
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda data: b"", "it is empty (0 bytes)"),
+        (lambda data: data[:-100], "its tensors do not fill the file"),
+        (lambda data: data[:8] + b"#" + data[9:], "its header is not JSON"),
+    ],
+    ids=["zero bytes", "truncated", "header not JSON"],
+)
+def test_diff_of_a_damaged_checkpoint_is_one_error_line(atto_checkpoint, tmp_path, damage, expected):
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(damage(atto_checkpoint.read_bytes()))
+    result = runner.invoke(app, ["diff", str(damaged)])
+    assert result.exit_code == 1
+    assert result.output.startswith("error:") and result.output.count("\n") == 1, result.output
+    assert expected in result.output and "Traceback" not in result.output
+
+
+def test_diff_runs_a_checkpoints_python_file_only_with_trust_code(atto_checkpoint, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    marker = tmp_path / "ran"
+    script = tmp_path / "model.py"
+    script.write_text(
+        f"import pathlib, timm\npathlib.Path({str(marker)!r}).touch()\n"
+        "def build():\n    return timm.create_model('convnext_atto')\n"
+    )
+    with safe_open(atto_checkpoint, framework="pt") as reader:
+        tensors = {k: reader.get_tensor(k) for k in reader.keys()}
+        metadata = {**reader.metadata(), "source": f"file:{script}:build"}
+    path = tmp_path / "shared.safetensors"
+    save_file(tensors, path, metadata=metadata)
+    refused = runner.invoke(app, ["diff", str(path)])
+    assert refused.exit_code == 1 and f"would run the Python file {script}" in refused.output
+    assert "--trust-code" in refused.output and not marker.exists()
+    trusted = runner.invoke(app, ["diff", str(path), "--trust-code", "--format", "json"])
+    assert trusted.exit_code == 0, trusted.output
+    assert marker.exists() and json.loads(trusted.output)["model"] == "ConvNeXt"
+
+
+def test_error_messages_are_text_not_markup(atto_checkpoint, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(atto_checkpoint, framework="pt") as reader:
+        tensors = {k: reader.get_tensor(k) for k in reader.keys()}
+        metadata = {**reader.metadata(), "source": "hub:[/b]"}  # rich would take [/b] for a closing tag
+    save_file(tensors, tmp_path / "odd.safetensors", metadata=metadata)
+    result = runner.invoke(app, ["diff", str(tmp_path / "odd.safetensors")])
+    assert result.exit_code == 1 and "got 'hub:[/b]'" in result.output and "Traceback" not in result.output
