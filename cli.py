@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import textwrap
 import warnings
 from pathlib import Path
 
 import typer
 from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -19,6 +23,44 @@ app = typer.Typer(
     help="Model surgery for audio tagging with Dilated Convolution with Learnable Spacings (DCLS).",
 )
 console = Console()
+
+
+COMPACT = dict(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)  # 2 spaces between columns
+
+
+def print_table(table: Table) -> None:
+    """Print a ``COMPACT`` table with no word cut, piped output being 80 columns wide: a ``no_wrap`` column or one of
+    single words (node names, module types) keeps its width, the others wrap between words where that adds fewest lines;
+    a table whose words cannot fit is printed whole, wider than the console (where rich would cut words)."""
+    cells = [
+        [Text.from_markup(c).plain if isinstance(c, str) else c.plain for c in (column.header, *column.cells)]
+        for column in table.columns
+    ]
+
+    @functools.cache
+    def lines(index: int, width: int) -> int:
+        return sum(len(textwrap.wrap(cell, width, break_on_hyphens=False)) for cell in cells[index])
+
+    widths = [max(map(cell_len, column)) for column in cells]
+    narrowest = [
+        width if column.no_wrap else max((cell_len(word) for cell in texts for word in cell.split()), default=1)
+        for column, texts, width in zip(table.columns, cells, widths, strict=True)
+    ]
+    gaps = 2 * (len(widths) - 1)
+    if sum(narrowest) + gaps > console.width:  # the words cannot fit: the whole table, wider than the console
+        table.width = sum(widths) + gaps
+    excess = sum(widths) + gaps - (table.width or console.width)
+    while excess > 0:  # narrow the column that wraps into the fewest new lines per character it gives up
+        _, index, narrower = min(
+            ((lines(i, narrower) - lines(i, width)) / (width - narrower), i, narrower)
+            for i, width in enumerate(widths)
+            for narrower in range(max(narrowest[i], width - excess), width)
+        )
+        excess -= widths[index] - narrower
+        widths[index] = narrower
+    for column, width in zip(table.columns, widths, strict=True):
+        column.width = width
+    console.print(table, crop=False)
 
 
 def fail(message: str) -> None:
@@ -121,8 +163,7 @@ def bench(
     table = Table(
         title=f"Dcls2d forward+backward: batch {batch}, kernel {kernel}, count {count}, {version}, {device}",
         caption="ms: ours; ref: DCLS 0.1.1; 7x7: a dense depthwise 7x7 conv; MiB: our kernel construction's peak",
-        box=box.SIMPLE_HEAD,
-        collapse_padding=True,
+        **COMPACT,
     )
     for heading in ("layer", "algorithm", "ms", "ref ms", "ref/ours", "7x7 ms", "ms/7x7", "MiB", "MiB/ref"):
         table.add_column(heading, justify="right", no_wrap=True)
@@ -139,12 +180,12 @@ def bench(
             f"{r.ours_kernel_bytes / 2**20:.1f}",
             "-" if missing else f"{r.memory_ratio:.3f}",
         )
-    console.print(table)
+    print_table(table)
     if reference and results and results[0].reference_ms is None:
-        console.print("DCLS==0.1.1 is not installed: no reference timings (pip install 'dclsify[test]').")
+        console.print("DCLS==0.1.1 is not installed: no reference timings (pip install 'dclsify[test]').", markup=False)
     if json_path is not None:
         write_atomically(json_path, json.dumps([r.as_dict() for r in results], indent=2) + "\n")
-        console.print(f"wrote {json_path}")
+        console.print(f"wrote {json_path}", markup=False)
 
 
 @app.command("bench-model")
@@ -173,8 +214,10 @@ def bench_model_command(
             progress=lambda what: status.update(f"measuring {what}"),
         )
     precision = result.autocast or "fp32"
-    console.print(f"{model}, audio stem, 527 classes: batch {batch} of (1, 128, 1001), {device}, {precision}")
-    table = Table()
+    console.print(
+        f"{model}, audio stem, 527 classes: batch {batch} of (1, 128, 1001), {device}, {precision}", markup=False
+    )
+    table = Table(**COMPACT)
     for heading in ("samples/s", "DSC (7x7)", "DCLS (23x23/26)", "DCLS / DSC"):
         table.add_column(heading, justify="right")
     table.add_row(
@@ -186,10 +229,10 @@ def bench_model_command(
     table.add_row(
         "training step", f"{result.dsc_training:.2f}", f"{result.dcls_training:.2f}", f"{result.training_ratio:.2f}"
     )
-    console.print(table)
+    print_table(table)
     if json_path is not None:
         write_atomically(json_path, json.dumps(result.as_dict(), indent=2) + "\n")
-        console.print(f"wrote {json_path}")
+        console.print(f"wrote {json_path}", markup=False)
 
 
 def _rewrite_options(
@@ -220,7 +263,9 @@ COUNT = typer.Option(26, help="Kernel elements per channel.")
 VERSION = typer.Option("gauss", help="gauss or v1.")
 MATCH = typer.Option("7", help="Depthwise kernel sizes to replace: 7, '5,7' or '>=5'.")
 SYNC = typer.Option("stage", help="Share P/SIG per stage, per channel count (model) or not at all (none).")
-STEM = typer.Option("audio", help="audio (2x16 stride 2x16), KHxKW[/SHxSW], or none to keep the original.")
+STEM = typer.Option(
+    "audio", help="audio (2x16, stride 2x16), KHxKW (stride = kernel), KHxKW/SHxSW, or none to keep the original."
+)
 IN_CHANS = typer.Option(1, help="Input channels of the new stem.")
 NUM_CLASSES = typer.Option(527, min=0, help="Classifier outputs (527 = AudioSet); 0 keeps the model's head.")
 DCLS = typer.Option(True, "--dcls/--no-dcls", help="--no-dcls: only the stem and head (the DSC baseline).")
@@ -265,7 +310,7 @@ def convert_command(
     from dclsify.surgery.rewrite import example_input
 
     options = _rewrite_options(kernel, count, version, match, sync, stem, in_chans, num_classes, dcls)
-    with console.status(f"converting {model}"):
+    with console.status(f"converting {escape(model)}"):
         rewritten = _or_fail(convert, model, pretrained=pretrained, **options).eval()
         report = rewritten.dclsify
         example = example_input(rewritten, report.config)
@@ -274,7 +319,7 @@ def convert_command(
                 output_shape = tuple(rewritten(example).shape)
         except Exception as error:  # noqa: BLE001 - the model's own error, about the example
             fail(f"the rewritten model fails on a {tuple(example.shape)} input: {type(error).__name__}: {error}")
-    table = Table()
+    table = Table(**COMPACT)
     for heading in ("P/SIG group", "channels", "map (HxW)", "kernel", "layers"):
         table.add_column(heading, justify="right")
     groups: dict[int, list] = {}
@@ -286,8 +331,10 @@ def convert_command(
         kernel_size = f"{first.kernel_size[0]}x{first.kernel_size[1]}"
         table.add_row(str(group), str(first.channels), size, kernel_size, str(len(members)))
     if groups:
-        console.print(f"{model}: {len(report.replaced)} depthwise convs replaced by Dcls2d {kernel}x{kernel}/{count}")
-        console.print(table)
+        console.print(
+            f"{escape(model)}: {len(report.replaced)} depthwise convs replaced by Dcls2d {kernel}x{kernel}/{count}"
+        )
+        print_table(table)
     console.print(f"stem: {report.stem or 'kept'}; classifier: {f'{num_classes} classes' if num_classes else 'kept'}")
     console.print(f"parameters: {report.parameters_before:,} before, {count_parameters(rewritten):,} after")
     console.print(f"output on {tuple(example.shape)}: {output_shape}")
@@ -299,7 +346,7 @@ def convert_command(
         fail(f"cannot write {path}: {error.strerror or error}")
     except CheckpointError as error:
         fail(str(error))
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", markup=False)
 
 
 @app.command("diff")
@@ -314,7 +361,9 @@ def diff_command(
     in_chans: int = IN_CHANS,
     num_classes: int = NUM_CLASSES,
     dcls: bool = DCLS,
-    format: str = typer.Option("table", "--format", help="table, unified (diff of the FX graph code) or json."),
+    format: str = typer.Option(
+        "table", "--format", help="table, unified (a diff of the two graphs, one line per node) or json."
+    ),
     trust_code: bool = TRUST_CODE,
 ) -> None:
     """Show what a rewrite changes in the model's FX graph."""
@@ -325,7 +374,7 @@ def diff_command(
     if format not in ("table", "unified", "json"):
         raise typer.BadParameter("must be table, unified or json", param_hint="--format")
     options = _rewrite_options(kernel, count, version, match, sync, stem, in_chans, num_classes, dcls)
-    with console.status(f"tracing {model}"):
+    with console.status(f"tracing {escape(model)}"):
         if Path(model).is_file():  # a checkpoint: what it changed in its source model
             rewritten = _or_fail(load, model, trust_code=trust_code)
             original = _or_fail(create_source, rewritten.dclsify.source, **rewritten.dclsify.model_kwargs)
@@ -339,23 +388,22 @@ def diff_command(
     if format == "unified":
         typer.echo(result.unified(), nl=False)
         return
-    table = Table(title=f"{model}: {len(result.changes)} modules changed")
-    for heading in ("node", "change", "before", "after", "kernel", "output", "params", "group"):
-        table.add_column(heading, justify="left" if heading in ("node", "before", "after") else "right")
+    table = Table(title=f"{escape(model)}: {len(result.changes)} modules changed", **COMPACT)
+    for heading in ("node", "change", "module", "output", "params", "group"):
+        table.add_column(heading, justify="left" if heading in ("node", "change", "module") else "right")
     styles = {"replaced": "yellow", "added": "green", "removed": "red"}
     for c in result.changes:
-        kernel_change = " -> ".join(k for k in (c.kernel_before, c.kernel_after) if k) or ""
+        before = " ".join(part for part in (c.before, c.kernel_before) if part)
+        after = " ".join(part for part in (c.after, c.kernel_after) if part)
         table.add_row(
             c.target,
             f"[{styles[c.change]}]{c.change}[/]",
-            c.before or "",
-            c.after or "",
-            kernel_change,
+            " -> ".join(part for part in (before, after) if part),
             "" if c.output_shape is None else "x".join(map(str, c.output_shape[1:])),
             f"{c.params_before:,} -> {c.params_after:,}",
             "" if c.stage_group is None else str(c.stage_group),
         )
-    console.print(table)
+    print_table(table)
     console.print(
         f"parameters: {result.parameters_before:,} -> {result.parameters_after:,}; output {result.output_shape}"
     )
@@ -368,7 +416,7 @@ def models_command() -> None:
     from dclsify.surgery.checkpoint import create_source
     from dclsify.surgery.rewrite import depthwise_convs
 
-    table = Table(title="Families known to work (timm)")
+    table = Table(title="Families known to work (timm)", **COMPACT)
     for heading in ("family", "models", "depthwise convs in the first (replaced: 7x7)", "stem"):
         table.add_column(heading)
     with console.status("inspecting") as status:
@@ -380,7 +428,7 @@ def models_command() -> None:
                 sizes[key] = sizes.get(key, 0) + 1
             found = ", ".join(f"{n} x {k}" for k, n in sorted(sizes.items()))
             table.add_row(family.name, ", ".join(family.examples), found, family.stem_note)
-    console.print(table)
+    print_table(table)
 
 
 def _audio_config(sample_rate: int | None, seconds: float | None):
@@ -457,18 +505,21 @@ def pack_command(
             done = bar.tasks[0].completed
             fail(f"interrupted after {done:.0f} clips; what was packed is kept: run the same command to continue")
     if report.skipped:
-        table = Table(title=f"{len(report.skipped)} clips skipped (all listed in {report.skip_report})")
+        table = Table(
+            title=f"{len(report.skipped)} clips skipped (all listed in {escape(str(report.skip_report))})", **COMPACT
+        )
         for heading in ("clip", "reason", "path"):
-            table.add_column(heading, overflow="fold")
+            table.add_column(heading)
         for name, path, reason in report.skipped[:20]:
-            table.add_row(name, reason, path)
+            table.add_row(escape(name), escape(reason), escape(path))
         if len(report.skipped) > 20:
-            table.add_row("...", f"{len(report.skipped) - 20} more", str(report.skip_report))
-        console.print(table)
+            table.add_row("...", f"{len(report.skipped) - 20} more", escape(str(report.skip_report)))
+        print_table(table)
     resumed = f", continuing {report.resumed_from} done before" if report.resumed_from else ""
     console.print(
         f"packed {report.packed} clips of {audio.seconds:g} s at {audio.sample_rate} Hz to {output} "
-        f"({report.clips_per_second:.1f} clips/s{resumed})"
+        f"({report.clips_per_second:.1f} clips/s{resumed})",
+        markup=False,
     )
 
 
@@ -494,7 +545,7 @@ def show_command(
     except OSError as error:
         fail(f"cannot write {output}: {error.strerror or error}")
     names = ", ".join(dataset.labels(index)) or "no label"
-    console.print(f"clip {index} ({dataset.clip_name(index)}: {names}) drawn to {path}")
+    console.print(f"clip {index} ({dataset.clip_name(index)}: {names}) drawn to {path}", markup=False)
 
 
 @app.command("bench-data")
@@ -516,16 +567,16 @@ def bench_data_command(
             result = bench_data(path, batch, workers, device, batches)
         except DataError as error:
             fail(str(error))
-    table = Table(title=f"{path}: batch {result.batch} of {result.clip_seconds:g}-s clips")
+    table = Table(title=f"{escape(path)}: batch {result.batch} of {result.clip_seconds:g}-s clips", **COMPACT)
     for heading in ("stage", "where", "clips/s"):
         table.add_column(heading, justify="right" if heading == "clips/s" else "left", no_wrap=True)
     table.add_row("read + collate (loader)", f"{result.workers} workers", f"{result.loader_clips_per_second:,.0f}")
     table.add_row("log-mel (evaluation)", result.device, f"{result.frontend_clips_per_second:,.0f}")
     table.add_row("augment + log-mel (training)", result.device, f"{result.augment_clips_per_second:,.0f}")
-    console.print(table)
+    print_table(table)
     if json_path is not None:
         write_atomically(json_path, json.dumps(result.as_dict(), indent=2) + "\n")
-        console.print(f"wrote {json_path}")
+        console.print(f"wrote {json_path}", markup=False)
 
 
 @app.command("train")
@@ -647,7 +698,7 @@ def eval_command(
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    console.print(f"[yellow]warning:[/] {message}")
+    console.print(f"[yellow]warning:[/] {escape(str(message))}")
 
 
 def main() -> None:

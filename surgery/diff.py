@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from .dcls import Dcls2d
 from .rewrite import SurgeryError, example_input, propagate_shapes, trace
 
 
@@ -34,19 +36,18 @@ class GraphDiff:
     parameters_after: int
     output_shape: list[int] | None
     changes: list[NodeChange] = field(default_factory=list)
-    code_before: str = ""
-    code_after: str = ""
+    nodes_before: list[str] = field(default_factory=list)  # one line per graph node, from :func:`graph_listing`
+    nodes_after: list[str] = field(default_factory=list)
 
     def unified(self) -> str:
-        """A unified diff of the two graphs' generated code."""
-        lines = difflib.unified_diff(
-            self.code_before.splitlines(), self.code_after.splitlines(), "before", "after", lineterm=""
-        )
-        return "\n".join(lines) + "\n"
+        """A unified diff of the two graphs, one line per node with what it calls (see :func:`graph_listing`):
+        replaced, added and removed nodes are its ``-``/``+`` lines, with three lines of context."""
+        lines = difflib.unified_diff(self.nodes_before, self.nodes_after, "before", "after", lineterm="")
+        return "".join(line + "\n" for line in lines)
 
     def as_dict(self) -> dict:
         data = asdict(self)
-        del data["code_before"], data["code_after"]
+        del data["nodes_before"], data["nodes_after"]
         return data
 
 
@@ -124,8 +125,8 @@ def graph_diff(original: nn.Module, rewritten: nn.Module) -> GraphDiff:
         parameters_after=count_parameters(rewritten),
         output_shape=_shape(output.args[0]) if isinstance(output.args[0], torch.fx.Node) else None,
         changes=changes,
-        code_before=before.code,
-        code_after=after.code,
+        nodes_before=graph_listing(before, original),
+        nodes_after=graph_listing(after, rewritten, groups),
     )
 
 
@@ -133,3 +134,81 @@ def _own_parameters(module: nn.Module, shares_positions: bool) -> int:
     """A module's parameters; a synchronised P/SIG counts only at the first layer of its group."""
     skip = {"P", "SIG"} if shares_positions else set()
     return sum(p.numel() for name, p in module.named_parameters() if name not in skip)
+
+
+def _pair(value) -> str:
+    return value if isinstance(value, str) else "x".join(str(v) for v in value)  # padding may be "same"
+
+
+def describe_module(module: nn.Module, group: int | None = None) -> str:
+    """A module's type and defining arguments on one line: for convolutions channels, kernel, stride,
+    padding and groups (for :class:`Dcls2d` its window, count, version and ``group``, its P/SIG group)."""
+    name = type(module).__name__
+    if isinstance(module, Dcls2d):
+        window = f"window={_pair(module.dilated_kernel_size)}, count={module.kernel_count}"
+        args = f"{module.in_channels}, {module.out_channels}, {window}, stride={_pair(module.stride)}"
+        args += f", padding={_pair(module.padding)}, groups={module.groups}, version={module.version}"
+        args += "" if module.bias is not None else ", bias=False"
+        args += "" if group is None else f", P/SIG group {group}"
+        return f"{name}({args})"
+    if isinstance(module, nn.Conv2d):
+        args = f"{module.in_channels}, {module.out_channels}, kernel={_pair(module.kernel_size)}"
+        args += f", stride={_pair(module.stride)}, padding={_pair(module.padding)}, groups={module.groups}"
+        args += "" if module.dilation == (1, 1) else f", dilation={_pair(module.dilation)}"
+        args += "" if module.bias is not None else ", bias=False"
+        return f"{name}({args})"
+    args = " ".join(module.extra_repr().split())  # one line, whatever the module's own repr
+    return f"{name}({args})" if args else name
+
+
+def _stable_names(graph_module: torch.fx.GraphModule) -> dict[torch.fx.Node, str]:
+    # FX numbers function and method nodes model-wide (add, add_1, ...), so a stem that loses six adds
+    # would renumber, and show as changed, every later one: number them within their module instead.
+    names, seen = {}, {}
+    for node in graph_module.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            names[node] = node.name
+            continue
+        scope, _ = next(reversed((node.meta.get("nn_module_stack") or {"": ("", None)}).values()))
+        base = re.sub(r"_\d+$", "", node.name)
+        name = f"{scope.replace('.', '_')}_{base}" if scope else base
+        seen[name] = seen.get(name, -1) + 1
+        names[node] = name if seen[name] == 0 else f"{name}_{seen[name]}"
+    return names
+
+
+def graph_listing(
+    graph_module: torch.fx.GraphModule, model: nn.Module, groups: dict[str, int] | None = None
+) -> list[str]:
+    """One line per node of a traced ``model``: what it computes from which nodes, and for a module
+    call the module (:func:`describe_module`; ``groups``: P/SIG group by module name)."""
+    names = _stable_names(graph_module)
+
+    def show(value) -> str:
+        if isinstance(value, torch.fx.Node):
+            return names[value]
+        if isinstance(value, (tuple, list)):
+            inner = ", ".join(show(v) for v in value) + ("," if isinstance(value, tuple) and len(value) == 1 else "")
+            return f"({inner})" if isinstance(value, tuple) else f"[{inner}]"
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k!r}: {show(v)}" for k, v in value.items()) + "}"
+        return repr(value)
+
+    lines = []
+    for node in graph_module.graph.nodes:
+        name = names[node]
+        shown = [show(a) for a in node.args] + [f"{k}={show(v)}" for k, v in node.kwargs.items()]
+        if node.op == "placeholder":
+            lines.append(f"{name} = <input>")
+        elif node.op == "output":
+            lines.append(f"return {', '.join(shown)}")
+        elif node.op == "get_attr":
+            lines.append(f"{name} = {node.target}")
+        elif node.op == "call_method":  # x.permute(0, 2, 3, 1)
+            lines.append(f"{name} = {shown[0]}.{node.target}({', '.join(shown[1:])})")
+        elif node.op == "call_function":
+            lines.append(f"{name} = {getattr(node.target, '__name__', node.target)}({', '.join(shown)})")
+        else:
+            description = describe_module(model.get_submodule(node.target), (groups or {}).get(node.target))
+            lines.append(f"{name} = {node.target}({', '.join(shown)})  # {description}")
+    return lines

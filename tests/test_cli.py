@@ -1,11 +1,14 @@
 """The command line: real runs on tiny shapes, and one clear line for every user error."""
 
+import io
 import json
 import subprocess
 import sys
 
 import pytest
+import typer
 from rich.console import Console
+from rich.table import Table
 from typer.testing import CliRunner
 
 from dclsify import __version__, cli
@@ -18,6 +21,16 @@ runner = CliRunner()
 def wide_console(monkeypatch):
     """Tables and errors unwrapped, whatever COLUMNS the shell exported (rich reads it once, at import)."""
     monkeypatch.setattr(cli, "console", Console(width=300))
+
+
+def test_help_of_the_app_and_of_every_command():
+    commands = typer.main.get_command(app).commands  # from the app, so that a command added later is covered too
+    assert {"bench", "bench-model", "convert", "diff", "models"} <= set(commands)
+    for args in [["--help"], *([name, "--help"] for name in commands)]:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0 and result.exception is None, (args, result.exception, result.output)
+        assert "Usage" in result.output and "Traceback" not in result.output, args
+    assert "KHxKW/SHxSW" in runner.invoke(app, ["convert", "--help"]).output  # help text is not read as markup
 
 
 def test_bench_prints_a_table_and_writes_json(tmp_path):
@@ -90,6 +103,7 @@ def test_convert_errors_are_one_line_and_write_nothing(tmp_path):
         (["timm:convnext_atto", "--sync", "block"], "sync must be one of"),
         (["hub:convnext"], "unknown model source 'hub:convnext'"),
         ([__file__], "is a file, not a model name"),
+        (["timm:[/x]"], "unknown timm model '[/x]'"),  # printed as given, not read as rich markup
     ]
     for args, expected in cases:
         result = runner.invoke(app, ["convert", *args, "-o", str(tmp_path / "x.safetensors")])
@@ -106,10 +120,18 @@ def test_diff_table_unified_and_json():
     table = runner.invoke(app, ["diff", "timm:fastvit_t8"])
     assert table.exit_code == 0, table.output
     assert "removed" in table.output and "added" in table.output and "Dcls2d" in table.output
-    assert "7x7 -> 23x23" in table.output
-    unified = runner.invoke(app, ["diff", "timm:fastvit_t8", "--format", "unified"])
-    assert unified.output.startswith("--- before\n+++ after\n")
-    assert "-    stem_0_conv_scale_conv" in unified.output and "+    stem = self.stem(x)" in unified.output
+    assert "Conv2d 7x7 -> Dcls2d 23x23" in table.output
+    unified = runner.invoke(app, ["diff", "timm:fastvit_t8", "--format", "unified"]).output.splitlines()
+    assert unified[:2] == ["--- before", "+++ after"]
+    removed, added = _changed_lines(unified)
+    assert removed[0].startswith("-stem_0_conv_scale_conv = stem.0.conv_scale.conv(x)  # Conv2d(3, 48, kernel=1x1, ")
+    assert added[:2] == [  # the MobileOne stem, 23 nodes, is one conv, which the first stage now reads
+        "+stem = stem(x)  # Conv2d(1, 48, kernel=2x16, stride=2x16, padding=0x0, groups=1, bias=False)",
+        "+stages_0_downsample = stages.0.downsample(stem)  # Identity",
+    ]
+    # and nothing else changed: the nodes after the smaller stem are not renumbered
+    assert len(added) == 13 and sum("# Dcls2d(" in line for line in added) == 10
+    assert added[-1] == "+head_fc = head.fc(head_drop)  # Linear(in_features=768, out_features=527, bias=True)"
     data = json.loads(runner.invoke(app, ["diff", "timm:convnext_atto", "--format", "json"]).output)
     assert data["output_shape"] == [1, 527]
     changes = {c["target"]: c for c in data["changes"]}
@@ -119,6 +141,57 @@ def test_diff_table_unified_and_json():
     # the parameter column adds up: shared P/SIG are charged once, to the first layer of a stage
     delta = sum(c["params_after"] - c["params_before"] for c in data["changes"])
     assert delta == data["parameters_after"] - data["parameters_before"]
+
+
+def _changed_lines(diff: list[str]) -> tuple[list[str], list[str]]:
+    """The ``-`` and ``+`` lines of a unified diff, without its ``---``/``+++`` header."""
+    removed = [line for line in diff[2:] if line.startswith("-")]
+    return removed, [line for line in diff[2:] if line.startswith("+")]
+
+
+def test_unified_diff_shows_each_replaced_conv_and_the_stem():
+    result = runner.invoke(app, ["diff", "timm:convnext_atto", "--format", "unified"])
+    assert result.exit_code == 0, result.output
+    diff = result.output.splitlines()
+    assert diff[:3] == ["--- before", "+++ after", "@@ -1,12 +1,12 @@"]
+    removed, added = _changed_lines(diff)
+    assert "-stem_0 = stem.0(x)  # Conv2d(3, 40, kernel=4x4, stride=4x4, padding=0x0, groups=1)" in removed
+    assert "+stem_0 = stem.0(x)  # Conv2d(1, 40, kernel=2x16, stride=2x16, padding=0x0, groups=1)" in added
+    for stage, (blocks, c) in enumerate([(2, 40), (2, 80), (6, 160), (2, 320)]):
+        for block in range(blocks):
+            call = f" = stages.{stage}.blocks.{block}.conv_dw("
+            [old] = [line for line in removed if call in line]
+            [new] = [line for line in added if call in line]
+            assert old.endswith(f"# Conv2d({c}, {c}, kernel=7x7, stride=1x1, padding=3x3, groups={c})")
+            dcls = f"# Dcls2d({c}, {c}, window=23x23, count=26, stride=1x1, padding=11x11, groups={c}, version=gauss"
+            assert new.endswith(f"{dcls}, P/SIG group {stage})")
+    assert len(removed) == len(added) == 14  # the stem, 12 convs and head.fc: nothing else
+    assert " stages_0_blocks_0_norm_permute = stages_0_blocks_0_conv_dw.permute(0, 2, 3, 1)" in diff  # context
+
+
+def test_tables_piped_at_80_columns_keep_every_name_whole(monkeypatch):
+    monkeypatch.setattr(cli, "console", Console(width=80))  # what rich falls back to when output is not a terminal
+    result = runner.invoke(app, ["diff", "timm:convnext_atto"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(map(len, lines)) <= 80  # the module and params columns wrap instead
+    words = result.output.split()
+    names = [f"stages.{s}.blocks.{b}.conv_dw" for s, blocks in enumerate([2, 2, 6, 2]) for b in range(blocks)]
+    for name in ["stem.0", *names, "head.fc"]:
+        assert name in words
+    assert words.count("Dcls2d") == 12 and words.count("Conv2d") == 14 and words.count("Linear") == 2
+
+
+def test_a_table_whose_words_cannot_fit_is_printed_whole(monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(width=80, file=out))
+    table = Table(**cli.COMPACT)
+    table.add_column("node")
+    table.add_column("module")
+    name = "dense_stages.0.0.dense_block0.layers.layers.0.token_mixer.reparam_conv"  # with the longest word: 86 wide
+    table.add_row(name, "BatchNormAct2d -> Dcls2d 23x23")
+    cli.print_table(table)
+    assert out.getvalue().splitlines()[-1].split() == [name, "BatchNormAct2d", "->", "Dcls2d", "23x23"]  # not cut
 
 
 def test_models_lists_the_families():

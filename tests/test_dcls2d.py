@@ -21,8 +21,8 @@ def _layer(channels=8, kernel=7, count=5, **kwargs):
 
 def _dense_gaussian_kernel(weight, P, SIG, kh, kw):
     """DCLS-Gauss written out in full, one (C x count x kh x kw) tensor: the definition."""
-    rows = torch.arange(kh, dtype=torch.float64).view(kh, 1)
-    cols = torch.arange(kw, dtype=torch.float64).view(1, kw)
+    rows = torch.arange(kh, dtype=P.dtype, device=P.device).view(kh, 1)
+    cols = torch.arange(kw, dtype=P.dtype, device=P.device).view(1, kw)
     y = (rows - (P[1] + kh // 2)[..., None, None]) / (SIG[1].abs() + 0.27)[..., None, None]
     x = (cols - (P[0] + kw // 2)[..., None, None]) / (SIG[0].abs() + 0.27)[..., None, None]
     element = torch.exp(-0.5 * (x**2 + y**2))
