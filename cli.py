@@ -636,10 +636,11 @@ def train_command(
 def _report_run(result) -> None:
     minutes = result.seconds / 60
     console.print(
-        f"{result.steps} steps in {minutes:.1f} min ({result.clips_per_second:.1f} clips/s); run: {result.run_dir}"
+        f"{result.steps} steps in {minutes:.1f} min ({result.clips_per_second:.1f} clips/s); run: "
+        + escape(str(result.run_dir))
     )
     if result.best_map is not None:
-        console.print(f"best eval mAP {result.best_map:.4f}: {result.best_checkpoint}")
+        console.print(f"best eval mAP {result.best_map:.4f}: {escape(str(result.best_checkpoint))}")
     if result.replaced_clips:
         console.print(f"[yellow]{len(result.replaced_clips)} clips could not be read and were replaced:[/]")
         for path, reason in list(result.replaced_clips.items())[:10]:
@@ -679,8 +680,8 @@ def eval_command(
     if json_output:
         typer.echo(json.dumps(result.as_dict(), indent=2))
         return
-    console.print(f"{checkpoint} on {data}: {result.clips} clips, {result.classes} classes")
-    table = Table(box=box.SIMPLE_HEAD)
+    console.print(f"{escape(str(checkpoint))} on {escape(data)}: {result.clips} clips, {result.classes} classes")
+    table = Table(**COMPACT)
     for heading in ("metric", "value"):
         table.add_column(heading, justify="right" if heading == "value" else "left")
     table.add_row("mAP", f"{result.mAP:.4f}")
@@ -688,13 +689,40 @@ def eval_command(
     table.add_row("d-prime", f"{result.d_prime:.3f}")
     if result.accuracy is not None:
         table.add_row("top-1 accuracy", f"{result.accuracy:.4f}")
-    console.print(table)
+    print_table(table)
     if result.classes_without_positives:
         console.print(
             f"{result.classes_without_positives} classes have no positive clip here: left out of the averages"
         )
     if per_class is not None:
         console.print(f"wrote {per_class}")
+
+
+@app.command("demo")
+def demo_command(
+    folder: Path = typer.Option(Path("dclsify-demo"), "--folder", help="Where the data and the two runs go."),
+    overrides: list[str] = typer.Option([], "--set", help="section.key=value for both runs, e.g. train.epochs=2."),
+) -> None:
+    """Generate a small sound set, train DCLS and its DSC twin on it, and compare them (CPU, minutes)."""
+    from dclsify.pipeline.demo import demo
+    from dclsify.pipeline.recipe import RecipeError
+    from dclsify.pipeline.sources import DataError
+    from dclsify.pipeline.train import TrainError
+
+    try:
+        result = demo(folder, overrides, console)
+    except (RecipeError, DataError, TrainError) as error:
+        fail(str(error))
+    table = Table(title="held-out evaluation of the demo's sound set", **COMPACT)
+    for heading in ("model", "parameters", "mAP", "mAUC", "d-prime", "train + eval"):
+        table.add_column(heading, justify="left" if heading == "model" else "right", no_wrap=True)
+    for run in result.runs:
+        m = run.metrics
+        minutes = f"{run.seconds / 60:.1f} min"
+        table.add_row(run.name, f"{run.parameters:,}", f"{m.mAP:.3f}", f"{m.mAUC:.3f}", f"{m.d_prime:.2f}", minutes)
+    table.add_row("chance", "", f"{result.chance_map:.3f}", "0.500", "0.00", "")
+    print_table(table)
+    console.print(f"done in {result.seconds / 60:.1f} min; models: {escape(str(folder / 'runs'))}/*/best.safetensors")
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:

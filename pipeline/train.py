@@ -63,13 +63,15 @@ class TrainResult:
 # -- processes and devices ------------------------------------------------------------------
 
 
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); starts the process group under torchrun."""
+def _distributed(device: str) -> tuple[int, int, int]:
+    """(rank, world size, local rank); starts the process group under torchrun: NCCL for
+    GPUs, gloo for CPUs (``device``: the recipe's train.device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, 0
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        dist.init_process_group("nccl" if on_gpu else "gloo")
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
@@ -360,7 +362,6 @@ def train(
     """
     started = time.perf_counter()
     run_dir = Path(out)
-    rank, world, local_rank = _distributed()
     if resume:
         if recipe is not None or data is not None:
             raise TrainError("--resume continues a run as it was recorded: give no recipe, --set or --data")
@@ -374,6 +375,7 @@ def train(
             raise TrainError("no training data: give --data (an HDF5 file, a segment CSV or a manifest)")
         _prepare_run_dir(run_dir, resume, overwrite)
     t = recipe.train
+    rank, world, local_rank = _distributed(t.device)
     device = _device(t.device, local_rank)
     train_set = open_source(data, recipe.audio)
     eval_set = open_source(eval_data, recipe.audio) if eval_data is not None else None
@@ -476,6 +478,7 @@ def _run(
     writer = _tensorboard(run_dir) if rank == 0 else None
     progress = _progress(console) if rank == 0 else None
     clips_done, clock = 0, time.perf_counter()
+    window_steps, window_start = 0, time.perf_counter()  # since the last line of metrics.jsonl
 
     def checkpoint() -> None:
         state = {
@@ -570,15 +573,16 @@ def _run(
                 step_in_epoch += 1
                 scheduler.step_update(step)
                 clips_done += global_batch
+                window_steps += 1
                 if step % t.log_every == 0 or step_in_epoch == steps_per_epoch:
-                    window = (step - 1) % t.log_every + 1
-                    mean_loss = float(loss_sum) / window
+                    mean_loss = float(loss_sum) / window_steps
                     if world > 1:
                         summed = torch.tensor([mean_loss], device=device)
                         dist.all_reduce(summed)
                         mean_loss = float(summed) / world
                     loss_sum.zero_()
-                    rate = clips_done / (time.perf_counter() - clock)
+                    rate = window_steps * global_batch / (time.perf_counter() - window_start)
+                    window_steps, window_start = 0, time.perf_counter()
                     current_lr = optimizer.param_groups[0]["lr"]
                     if rank == 0:
                         _write_json_line(
@@ -608,6 +612,7 @@ def _run(
             if eval_loader is not None and (epoch % t.eval_every == 0 or epoch == t.epochs):
                 evaluate()
             checkpoint()
+            window_start = time.perf_counter()  # the next rate is of training alone
     except KeyboardInterrupt:
         interrupted = True
         checkpoint()

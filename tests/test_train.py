@@ -260,3 +260,39 @@ def test_two_process_ddp_trains_identical_replicas_and_evaluates_each_clip_once(
 
     single = evaluate(run / "best.safetensors", eval_set, batch_size=3)
     assert single.mAP == pytest.approx(ddp_map, abs=1e-6)
+
+
+def test_training_runs_on_the_gpu_in_bf16(sets, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    train_set, eval_set = sets
+    overrides = TINY + ["train.device=cuda", "train.precision=bf16", "train.epochs=2", "train.ema_decay=0.9"]
+    result = train(load_recipe(None, overrides), train_set, eval_set, tmp_path / "gpu")
+    assert result.steps == 12 and np.isfinite([loss for _, loss in losses(tmp_path / "gpu")]).all()
+    assert set(result.last_eval) == {"eval", "eval_ema"} and result.best_checkpoint.exists()
+    fp16 = train(
+        load_recipe(None, [*overrides, "train.precision=fp16"]), train_set, None, tmp_path / "fp16", stop_after=3
+    )
+    assert fp16.steps == 3
+    resumed = train(out=tmp_path / "fp16", resume=True)  # the gradient scaler's state travels too
+    assert resumed.steps == 12
+
+
+def test_demo_trains_both_twins_and_reports_chance(tmp_path, monkeypatch):
+    import functools
+
+    from dclsify.pipeline import demo as demo_module
+
+    small = functools.partial(demo_module.demo, train_clips=64, eval_clips=28)  # the real set is 1500 + 400 clips
+    monkeypatch.setattr(demo_module, "demo", small)
+    args = ["demo", "--folder", str(tmp_path), "--set", "train.epochs=1", "--set", "train.warmup_epochs=0"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split() for line in result.output.splitlines() if line.split()}
+    assert {"DCLS", "DSC", "chance"} <= set(rows)
+    dcls, dsc = (load(tmp_path / "runs" / name / "best.safetensors") for name in ("dcls", "dsc"))
+    assert dcls.dclsify.replaced and not dsc.dclsify.replaced
+    assert int(rows["DCLS"][1].replace(",", "")) == sum(p.numel() for p in dcls.parameters())
+    assert 0.1 < float(rows["chance"][1]) < 0.25  # 1 to 3 of 14 classes a clip
+    bad = runner.invoke(app, ["demo", "--folder", str(tmp_path), "--set", "train.nope=1"])
+    assert bad.exit_code == 1 and "unknown recipe key 'train.nope'" in bad.output
