@@ -2,9 +2,10 @@
 
 In the order of the paper's code (NOTES.md section 6): random roll of the waveform,
 speed perturbation, the power spectrogram, random erasing on it, the log-mel, label
-smoothing and mixup. Every random draw is a handful of numbers per clip, taken from one
-seeded NumPy generator whose state travels with a checkpoint: a run resumes exactly.
-The per-sample work (rolling, resampling, masking, mixing) is tensor code over the batch.
+smoothing and mixup. Every random draw is made on the device, from one seeded
+``torch.Generator`` (and mixup's one lambda a batch from a seeded NumPy generator, a
+plain number), so a batch is augmented without a single host-device synchronisation; both
+generators' states travel with a checkpoint, and a run resumes exactly.
 """
 
 from __future__ import annotations
@@ -76,30 +77,32 @@ def roll(waveforms: Tensor, shifts: Tensor) -> Tensor:
     return windows[torch.arange(len(waveforms), device=waveforms.device), starts]
 
 
+def low_pass(waveforms: Tensor, fractions: Tensor) -> Tensor:
+    """Keep each row's frequencies below ``fractions[b]`` of the Nyquist frequency (one batched FFT)."""
+    spectrum = torch.fft.rfft(waveforms)
+    bins = torch.arange(spectrum.shape[-1], device=waveforms.device)
+    return torch.fft.irfft(spectrum * (bins[None, :] < spectrum.shape[-1] * fractions[:, None]), n=waveforms.shape[-1])
+
+
 def change_speed(waveforms: Tensor, rates: Tensor, offsets: Tensor) -> Tensor:
     """Play each row ``rates[b]`` times faster: ``out[b, n] = x[b](rates[b] * (n - offsets[b]))``,
     linearly interpolated, zero outside the row; the length is kept, so a sped-up row is
     padded (the sound starts at ``offsets[b] >= 0``) and a slowed one is cut (``offsets[b] <= 0``).
 
-    A row sped up is first low-passed below its new Nyquist frequency (one batched FFT), so
-    that no aliasing folds its top octave back into the spectrum.
+    Band-limited as a resampler should be: a row sped up is low-passed below its new Nyquist
+    frequency first (else its top folds back as aliases), a row slowed down is low-passed
+    to its new bandwidth after (else linear interpolation leaves images of its spectrum above
+    it). Both are batched FFTs over every row, no-ops where they do not apply.
     """
-    batch, samples = waveforms.shape
-    faster = rates > 1
-    if bool(faster.any()):
-        spectrum = torch.fft.rfft(waveforms[faster])
-        bins = torch.arange(spectrum.shape[-1], device=waveforms.device)
-        keep = bins[None, :] < (spectrum.shape[-1] / rates[faster])[:, None]
-        filtered = torch.fft.irfft(spectrum * keep, n=samples)
-        waveforms = waveforms.clone()
-        waveforms[faster] = filtered
+    samples = waveforms.shape[-1]
+    waveforms = low_pass(waveforms, 1 / rates.clamp(min=1))
     n = torch.arange(samples, device=waveforms.device, dtype=torch.float32)
     positions = rates[:, None] * (n[None, :] - offsets[:, None])  # (batch, samples), in input samples
     grid = torch.stack([positions * (2 / (samples - 1)) - 1, torch.zeros_like(positions)], dim=-1)
     moved = F.grid_sample(
         waveforms[:, None, None, :], grid[:, None], mode="bilinear", padding_mode="zeros", align_corners=True
     )
-    return moved[:, 0, 0]
+    return low_pass(moved[:, 0, 0], rates.clamp(max=1))
 
 
 def erase_boxes(spectrograms: Tensor, boxes: Tensor) -> Tensor:
@@ -124,57 +127,73 @@ class Augment(nn.Module):
         super().__init__()
         self.frontend = frontend
         self.config = config or AugmentConfig()
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.generator: torch.Generator | None = None  # made on the device of the first batch
+        self.mixup_rng = np.random.default_rng(seed)
+
+    def _generator_on(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device.type != device.type:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generator
 
     def get_rng_state(self) -> dict:
-        return self.rng.bit_generator.state
+        """Both generators' states (plain tensors and numbers: checkpoints load them with weights_only)."""
+        generator = self.generator
+        return {
+            "device": None if generator is None else generator.device.type,
+            "torch": None if generator is None else generator.get_state(),
+            "mixup": self.mixup_rng.bit_generator.state,
+        }
 
     def set_rng_state(self, state: dict) -> None:
-        self.rng.bit_generator.state = state
+        self.mixup_rng.bit_generator.state = state["mixup"]
+        self.generator = None
+        if state["torch"] is not None:
+            self.generator = torch.Generator(device=state["device"])
+            self.generator.set_state(state["torch"])
 
-    def _tensor(self, values, like: Tensor, dtype=torch.float32) -> Tensor:
-        return torch.as_tensor(np.asarray(values), dtype=dtype).to(like.device, non_blocking=True)
+    def _uniform(self, low, high, shape, like: Tensor) -> Tensor:
+        drawn = torch.rand(shape, generator=self._generator_on(like.device), device=like.device)
+        return low + (high - low) * drawn
 
     def waveforms(self, waveforms: Tensor) -> Tensor:
         """Roll and speed perturbation: (batch, samples) int16 or float -> float in [-1, 1]."""
         x = waveforms.float() / INT16_SCALE if waveforms.dtype == torch.int16 else waveforms.float()
         batch, samples = x.shape
         c = self.config
+        generator = self._generator_on(x.device)
         if c.roll:
-            x = roll(x, self._tensor(self.rng.integers(-samples, samples, batch), x, torch.int64))
-        chosen = self.rng.random(batch) < c.speed_p
-        rates = np.where(chosen, self.rng.uniform(c.speed_min, c.speed_max, batch), 1.0)
-        if chosen.any():
+            x = roll(x, torch.randint(-samples, samples, (batch,), generator=generator, device=x.device))
+        if c.speed_p > 0:
+            chosen = self._uniform(0, 1, batch, x) < c.speed_p
+            rates = torch.where(chosen, self._uniform(c.speed_min, c.speed_max, batch, x), 1.0)
             span = samples - samples / rates  # > 0: room to place a shorter sound; < 0: how much to cut
-            offsets = self.rng.uniform(np.minimum(span, 0), np.maximum(span, 0))
-            index = np.flatnonzero(chosen)
-            picked = self._tensor(index, x, torch.int64)
-            x = x.clone()
-            x[picked] = change_speed(x[picked], self._tensor(rates[index], x), self._tensor(offsets[index], x))
+            offsets = self._uniform(span.clamp(max=0), span.clamp(min=0), batch, x)
+            # every row goes through, so that no host ever waits to learn which were chosen
+            x = torch.where(chosen[:, None], change_speed(x, rates, offsets), x)
         return x
 
-    def _boxes(self, batch: int, height: int, width: int) -> np.ndarray:
-        """timm's RandomErasing boxes (one per erased clip, ten tries to fit), drawn for a whole batch."""
+    def _boxes(self, batch: int, height: int, width: int, like: Tensor) -> Tensor:
+        """timm's RandomErasing boxes (top, height, left, width; one per erased clip, the first of
+        ten tries that fits), drawn for a whole batch; a height of 0 erases nothing."""
         c, tries = self.config, 10
-        boxes = np.zeros((batch, 4), dtype=np.int64)
-        chosen = self.rng.random(batch) < c.erase_p
-        area = height * width * self.rng.uniform(c.erase_min_area, c.erase_max_area, (batch, tries))
-        ratio = np.exp(self.rng.uniform(math.log(0.3), math.log(1 / 0.3), (batch, tries)))
-        tall, wide = np.rint(np.sqrt(area * ratio)).astype(int), np.rint(np.sqrt(area / ratio)).astype(int)
+        chosen = self._uniform(0, 1, batch, like) < c.erase_p
+        area = height * width * self._uniform(c.erase_min_area, c.erase_max_area, (batch, tries), like)
+        ratio = torch.exp(self._uniform(math.log(0.3), math.log(1 / 0.3), (batch, tries), like))
+        tall, wide = torch.sqrt(area * ratio).round().long(), torch.sqrt(area / ratio).round().long()
         fits = (tall < height) & (wide < width)
-        corner = self.rng.random((batch, 2))
-        for b in np.flatnonzero(chosen & fits.any(axis=1)):
-            t = int(np.argmax(fits[b]))  # the first try that fits
-            top, left = int(corner[b, 0] * (height - tall[b, t] + 1)), int(corner[b, 1] * (width - wide[b, t] + 1))
-            boxes[b] = top, tall[b, t], left, wide[b, t]
-        return boxes
+        first = fits.int().argmax(dim=1, keepdim=True)
+        tall, wide = tall.gather(1, first)[:, 0], wide.gather(1, first)[:, 0]
+        corner = self._uniform(0, 1, (batch, 2), like)
+        top, left = (corner[:, 0] * (height - tall + 1)).long(), (corner[:, 1] * (width - wide + 1)).long()
+        tall = torch.where(chosen & fits.any(dim=1), tall, 0)
+        return torch.stack([top, tall, left, wide], dim=1)
 
     def spectrograms(self, power: Tensor) -> Tensor:
         """Random erasing of the linear power spectrogram (batch, freq, time)."""
         if self.config.erase_p == 0:
             return power
-        boxes = self._boxes(*power.shape)
-        return erase_boxes(power, self._tensor(boxes, power, torch.int64)) if boxes[:, 1].any() else power
+        return erase_boxes(power, self._boxes(*power.shape, power))
 
     def mixup(self, logmels: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """Label smoothing, then one Beta(alpha, alpha) mix of the batch with a permutation of itself."""
@@ -182,8 +201,8 @@ class Augment(nn.Module):
         soft = targets.float() * (1 - c.label_smoothing) + c.label_smoothing / targets.shape[-1]
         if c.mixup_alpha == 0:
             return logmels, soft
-        lam = float(self.rng.beta(c.mixup_alpha, c.mixup_alpha))
-        partner = self._tensor(self.rng.permutation(len(logmels)), logmels, torch.int64)
+        lam = float(self.mixup_rng.beta(c.mixup_alpha, c.mixup_alpha))  # a number for the kernels, not a tensor
+        partner = torch.randperm(len(logmels), generator=self._generator_on(logmels.device), device=logmels.device)
         return lam * logmels + (1 - lam) * logmels[partner], lam * soft + (1 - lam) * soft[partner]
 
     def forward(self, waveforms: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:

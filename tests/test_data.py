@@ -284,7 +284,8 @@ def test_roll_and_speed_do_what_they_say():
     moved = change_speed(signal, torch.tensor([2.0, 0.5]), torch.tensor([1000.0, -2000.0]))
     assert moved.shape == (2, samples)
     faster, slower = moved
-    assert torch.all(faster[:999] == 0) and torch.all(faster[1000 + samples // 2 + 1 :] == 0)  # placed at 1000
+    silent = torch.cat([faster[:999], faster[1000 + samples // 2 + 1 :]])
+    assert silent.abs().max() < 1e-6 and faster[1100:4900].abs().max() > 0.45  # placed at 1000 (FFT rounding aside)
     peak = lambda part: int(torch.fft.rfft(part).abs().argmax()) * rate / len(part)  # noqa: E731
     assert peak(faster[1000:5000]) == pytest.approx(1000, abs=3)  # twice as fast: an octave up
     assert peak(slower) == pytest.approx(250, abs=3)  # half as fast: an octave down, cut to the length
@@ -294,6 +295,11 @@ def test_roll_and_speed_do_what_they_say():
     # 3200 Hz played 1.5x faster is 4800 Hz, above the 4 kHz Nyquist frequency: it must vanish, not fold to 3200 Hz
     high = change_speed(torch.from_numpy(tone(3200, rate, 1.0))[None], torch.tensor([1.5]), torch.tensor([0.0]))
     assert high[0, 500:5000].abs().max() < 0.02  # of 0.5
+    # 3200 Hz played at half speed is 1600 Hz; linear interpolation alone would leave images of it above 2 kHz
+    low = change_speed(torch.from_numpy(tone(3200, rate, 1.0))[None], torch.tensor([0.5]), torch.tensor([0.0]))
+    spectrum = torch.fft.rfft(low[0]).abs() ** 2
+    assert int(spectrum.argmax()) * rate / samples == pytest.approx(1600, abs=2)
+    assert spectrum[2000 * samples // rate :].sum() < 1e-6 * spectrum.sum()
 
 
 def test_augmentation_probabilities_over_many_draws():
@@ -303,11 +309,15 @@ def test_augmentation_probabilities_over_many_draws():
     moved = augment.waveforms(waveforms)
     changed = (moved - waveforms / 32768).abs().amax(dim=1) > 1e-3
     assert changed.float().mean().item() == pytest.approx(0.5, abs=0.03)  # speed perturbation, p 0.5
-    boxes = augment._boxes(4000, 129, 33)
+    boxes = augment._boxes(4000, 129, 33, waveforms)
     erased = boxes[:, 1] > 0
-    assert erased.mean() == pytest.approx(0.25, abs=0.03)  # random erasing, p 0.25
+    assert erased.float().mean().item() == pytest.approx(0.25, abs=0.03)  # random erasing, p 0.25
     area = boxes[erased, 1] * boxes[erased, 3] / (129 * 33)
-    assert area.min() >= 0.015 and area.max() <= 0.36 and np.all(boxes[erased, 0] + boxes[erased, 1] <= 129)
+    assert area.min() >= 0.015 and area.max() <= 0.36
+    assert torch.all(boxes[erased, 0] + boxes[erased, 1] <= 129) and torch.all(
+        boxes[erased, 2] + boxes[erased, 3] <= 33
+    )
+    assert torch.all(boxes[:, :3] >= 0) and torch.all(boxes[erased, 1] >= 1) and torch.all(boxes[erased, 3] >= 1)
     power = torch.ones(2, 6, 7)
     cut = erase_boxes(power, torch.tensor([[1, 2, 3, 4], [0, 0, 0, 0]]))
     assert cut[0, 1:3, 3:7].sum() == 0 and cut.sum() == 2 * 42 - 8 and torch.all(cut[1] == 1)
@@ -425,3 +435,22 @@ def test_show_draws_a_png_and_bench_data_reports(clips, tmp_path):
     assert all(
         data[k] > 0 for k in ("loader_clips_per_second", "frontend_clips_per_second", "augment_clips_per_second")
     )
+
+
+def test_augmentation_never_waits_for_the_device(device):
+    """Every random draw is made where the batch is: no host-device synchronisation per batch
+    (which would stall a GPU pipeline and rules out CUDA graphs)."""
+    frontend = LogMel(AudioConfig(seconds=0.5)).to(device)
+    augment = Augment(frontend, AugmentConfig(speed_p=1, erase_p=1), seed=0)
+    waveforms = (torch.randn(8, 16000) * 3000).to(torch.int16).to(device)
+    targets = torch.eye(8, 5, dtype=torch.bool, device=device)
+    augment(waveforms, targets)  # the first call makes the generator
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        logmels, soft = augment(waveforms, targets)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    assert logmels.device == waveforms.device and logmels.shape == (8, 1, 128, 51) and soft.shape == (8, 5)
+    assert augment.get_rng_state()["device"] == device.type
