@@ -102,7 +102,9 @@ def test_a_few_steps_lower_the_loss_and_export_the_best_model(sets, tmp_path):
 
 def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(sets, tmp_path):
     train_set, _ = sets
-    recipe = load_recipe(None, TINY + ["train.epochs=2", "train.checkpoint_every=2", "train.keep=2"])
+    recipe = load_recipe(
+        None, TINY + ["train.epochs=2", "train.checkpoint_every=2", "train.keep=2", "train.ema_decay=0.9"]
+    )
     whole = train(recipe, train_set, None, tmp_path / "whole")
     assert whole.steps == 12
     part = train(recipe, train_set, None, tmp_path / "part", stop_after=9)  # mid-epoch 2 (6 steps an epoch)
@@ -116,8 +118,9 @@ def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(sets, tmp_path
         torch.load(tmp_path / "whole/checkpoints/step_0000012.pt"),
         torch.load(tmp_path / "part/checkpoints/step_0000012.pt"),
     )
-    for key, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][key]), key
+    for part in ("model", "ema"):
+        for key, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][key]), (part, key)
 
 
 def test_parameter_groups_follow_the_paper():
@@ -296,3 +299,63 @@ def test_demo_trains_both_twins_and_reports_chance(tmp_path, monkeypatch):
     assert 0.1 < float(rows["chance"][1]) < 0.25  # 1 to 3 of 14 classes a clip
     bad = runner.invoke(app, ["demo", "--folder", str(tmp_path), "--set", "train.nope=1"])
     assert bad.exit_code == 1 and "unknown recipe key 'train.nope'" in bad.output
+
+
+def test_gradient_accumulation_equals_the_whole_batch(sets, tmp_path):
+    train_set, _ = sets
+    plain = TINY + ["model.drop_path=0", "augment.roll=false", "augment.speed_p=0", "augment.erase_p=0"]
+    plain += ["augment.mixup_alpha=0", "train.clip_grad=1.0"]  # LayerNorm only: no batch statistics to differ
+    whole = train(load_recipe(None, [*plain, "train.batch_size=4"]), train_set, None, tmp_path / "whole", stop_after=2)
+    halves = [*plain, "train.batch_size=2", "train.accumulate=2"]
+    split = train(load_recipe(None, halves), train_set, None, tmp_path / "split", stop_after=2)
+    assert whole.steps == split.steps == 2
+    a = torch.load(tmp_path / "whole/checkpoints/step_0000002.pt")["model"]
+    b = torch.load(tmp_path / "split/checkpoints/step_0000002.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert [loss for _, loss in losses(tmp_path / "whole")] == pytest.approx(
+        [loss for _, loss in losses(tmp_path / "split")], rel=1e-5
+    )
+
+
+def test_fine_tuning_a_checkpoint_on_new_classes_with_a_frozen_body(sets, tmp_path):
+    train_set, eval_set = sets
+    first = train(load_recipe(None, TINY + ["train.epochs=1"]), train_set, eval_set, tmp_path / "first")
+    with h5py.File(train_set) as source, h5py.File(tmp_path / "three.h5", "w") as handle:  # 3 of the 4 classes
+        keep = source["target"][:, :3].any(axis=1)
+        handle["audio_name"] = source["audio_name"][:][keep]
+        handle["waveform"] = source["waveform"][:][keep]
+        handle["target"] = source["target"][:][keep][:, :3]
+        handle.attrs.update(sample_rate=RATE, class_names=json.dumps(CLASSES[:3]))
+    tuned = [*TINY, f"model.source={json.dumps(str(first.best_checkpoint))}", "model.freeze=true", "train.epochs=1"]
+    result = train(load_recipe(None, tuned), tmp_path / "three.h5", None, tmp_path / "tuned")
+    before, after = load(first.best_checkpoint).state_dict(), torch.load(_last(tmp_path / "tuned"))["model"]
+    assert after["head.fc.weight"].shape == (3, 320) and result.steps > 0
+    changed = {
+        k for k in after if k in before and before[k].shape == after[k].shape and not torch.equal(before[k], after[k])
+    }
+    assert changed == set(), changed  # the body is frozen; the new head is all that learns
+
+
+def _last(run_dir: Path) -> Path:
+    return sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
+
+
+def test_train_without_data_trains_on_the_demo_set(tmp_path, monkeypatch):
+    from dclsify.pipeline import demo as demo_module
+
+    real = demo_module.demo_data
+    monkeypatch.setattr(demo_module, "demo_data", lambda console=None: real(tmp_path / "data", console, 40, 14))
+    args = ["train", "--out", str(tmp_path / "run"), "--set", "train.epochs=1", "--set", "train.warmup_epochs=0"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["recipe"]["model"]["source"] == "timm:convnext_atto" and len(config["class_names"]) == 14
+    assert (tmp_path / "run" / "best.safetensors").exists()
+
+
+def test_tensorboard_event_files_when_it_is_installed(sets, tmp_path):
+    pytest.importorskip("tensorboard")
+    train_set, eval_set = sets
+    train(load_recipe(None, TINY + ["train.epochs=1"]), train_set, eval_set, tmp_path / "run")
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
