@@ -584,6 +584,8 @@ def train_command(
     recipe: str | None = typer.Option(None, help="A built-in recipe (see --list-recipes) or a TOML file."),
     data: str | None = typer.Option(None, help="Training data: HDF5 (a,b or a glob), a segment CSV or a manifest."),
     eval_data: str | None = typer.Option(None, "--eval-data", help="Evaluation data, of the same classes."),
+    audio_dir: Path | None = AUDIO_DIR,
+    labels: Path | None = LABELS,
     out: Path | None = typer.Option(None, "--out", help="Run directory (default: runs/RECIPE)."),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value, e.g. train.lr=1e-3 (repeatable)."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this directory exactly."),
@@ -599,7 +601,7 @@ def train_command(
 
     if list_recipes:
         for name, path in sorted(builtin_recipes().items()):
-            first = path.read_text().splitlines()[0].lstrip("# ")
+            first = path.read_text().splitlines()[0].lstrip("# ").rstrip(":")
             console.print(f"[bold]{name}[/]: {escape(first)}", soft_wrap=True)
         return
     if list_keys:
@@ -610,7 +612,7 @@ def train_command(
         return
     try:
         if resume is not None:
-            if recipe or overrides or data or eval_data or out:
+            if recipe or overrides or data or eval_data or out or audio_dir or labels:
                 fail(
                     "--resume continues a run as it was recorded: give no --recipe, --set, --data, --eval-data or --out"
                 )
@@ -624,7 +626,15 @@ def train_command(
             resolved = load_recipe(recipe, overrides)
             run_dir = out or Path("runs") / (Path(recipe).stem if recipe else "default")
             result = train(
-                resolved, data, eval_data, run_dir, overwrite=overwrite, trust_code=trust_code, console=console
+                resolved,
+                data,
+                eval_data,
+                run_dir,
+                overwrite=overwrite,
+                trust_code=trust_code,
+                console=console,
+                audio_dir=audio_dir,
+                classes=labels,
             )
     except (RecipeError, DataError, TrainError) as error:
         fail(str(error))
@@ -651,6 +661,8 @@ def _report_run(result) -> None:
 def eval_command(
     checkpoint: Path = typer.Argument(..., help="A dclsify checkpoint (e.g. a run's best.safetensors)."),
     data: str = typer.Option(..., help="Evaluation data: HDF5, a segment CSV or a manifest, of the model's classes."),
+    audio_dir: Path | None = AUDIO_DIR,
+    labels: Path | None = LABELS,
     json_output: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     per_class: Path | None = typer.Option(None, "--per-class", help="Write each class's AP to this CSV."),
     batch: int = typer.Option(32, min=1),
@@ -669,7 +681,7 @@ def eval_command(
         raise typer.BadParameter("must be fp32, bf16 or fp16", param_hint="--precision")
     with console.status(f"evaluating {checkpoint}"):
         try:
-            result = evaluate(checkpoint, data, batch, workers, device, precision, trust_code)
+            result = evaluate(checkpoint, data, batch, workers, device, precision, trust_code, audio_dir, labels)
         except (CheckpointError, DataError) as error:
             fail(str(error))
     if per_class is not None:
@@ -690,6 +702,10 @@ def eval_command(
     if result.accuracy is not None:
         table.add_row("top-1 accuracy", f"{result.accuracy:.4f}")
     print_table(table)
+    if result.unreadable:
+        console.print(f"[yellow]{len(result.unreadable)} clips could not be read and were left out:[/]")
+        for path, reason in result.unreadable[:10]:
+            console.print(f"  {escape(path)}: {escape(reason)}", soft_wrap=True)
     if result.classes_without_positives:
         console.print(
             f"{result.classes_without_positives} classes have no positive clip here: left out of the averages"

@@ -40,12 +40,16 @@ class Metrics:
     classes_without_negatives: int  # left out of mAUC and d-prime (their AP is 1 and counts)
     per_class: list[tuple[str, float | None, int]] = field(repr=False)
 
+    unreadable: list[tuple[str, str]] = field(default_factory=list, repr=False)  # clips left out: (path, reason)
+
     def as_dict(self, per_class: bool = False) -> dict:
-        """The scalar metrics as a plain dict (for JSON); with ``per_class``, the per-class list too."""
+        """The scalar metrics as a plain dict for JSON (an infinite d-prime as null); with
+        ``per_class``, the per-class list too."""
         data = asdict(self)
+        data["unreadable"] = len(self.unreadable)
         if not per_class:
             del data["per_class"]
-        return data
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in data.items()}
 
 
 def metrics(scores, targets, multi_label: bool = True, class_names: list[str] | None = None) -> Metrics:
@@ -147,20 +151,23 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def score_clips(model, loader, frontend, device, precision, multi_label) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (sigmoid, or softmax for single-label data) and targets of every clip of the
-    loader, in dataset order; under DDP gathered from all ranks, each clip exactly once."""
+def score_clips(model, loader, frontend, device, precision, multi_label):
+    """Scores (sigmoid, or softmax for single-label models) and targets of every readable clip
+    of the loader, in dataset order, and the clips that could not be read (left out, not
+    stood in for); under DDP gathered from all ranks, each clip exactly once."""
     model.eval()
-    indices, scores, targets = [], [], []
+    indices, scores, targets, unreadable = [], [], [], []
     with torch.no_grad():
         for batch in loader:
             waveforms = batch.waveforms.to(device, non_blocking=True)
             with autocast(device, precision):
                 logits = model(frontend(waveforms)).float()
-            scores.append((torch.sigmoid(logits) if multi_label else logits.softmax(-1)).cpu().numpy())
-            targets.append(batch.targets.numpy())
-            indices.append(batch.indices.numpy())
-    parts = [(np.concatenate(indices), np.concatenate(scores), np.concatenate(targets))] if indices else []
+            read = ~batch.replaced.numpy()
+            scores.append((torch.sigmoid(logits) if multi_label else logits.softmax(-1)).cpu().numpy()[read])
+            targets.append(batch.targets.numpy()[read])
+            indices.append(batch.indices.numpy()[read])
+            unreadable += [failure for failure in batch.failures if failure not in unreadable]
+    parts = [(np.concatenate(indices), np.concatenate(scores), np.concatenate(targets), unreadable)] if indices else []
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, parts)
@@ -169,7 +176,8 @@ def score_clips(model, loader, frontend, device, precision, multi_label) -> tupl
     if len(np.unique(order_index)) != len(order_index):
         raise RuntimeError("evaluation saw a clip twice: the evaluation sampler is wrong")
     order = np.argsort(order_index)
-    return np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
+    unreadable = sorted({failure for p in parts for failure in p[3]})
+    return np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order], unreadable
 
 
 def evaluate(
@@ -180,9 +188,13 @@ def evaluate(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     trust_code: bool = False,
+    audio_dir: str | os.PathLike | None = None,
+    classes: str | os.PathLike | None = None,
 ) -> Metrics:
     """Metrics of a dclsify checkpoint on ``data`` (any source ``open_source`` reads), heard as
-    the model was trained: the clip format and log-mel settings come from the checkpoint."""
+    the model was trained: the clip format, the log-mel settings and sigmoid or softmax scores
+    come from the checkpoint. Clips that cannot be read are left out and listed in
+    ``Metrics.unreadable``; ``audio_dir`` and ``classes`` are ``open_source``'s."""
     from dclsify.surgery.checkpoint import load
 
     from .frontend import AudioConfig, LogMel
@@ -192,7 +204,7 @@ def evaluate(
     device = torch.device(device)
     model = load(checkpoint, device=device, trust_code=trust_code)
     audio = model.audio or AudioConfig()
-    dataset = open_source(data, audio)
+    dataset = open_source(data, audio, audio_dir, classes)
     names = model.class_names
     if names is not None and names != dataset.class_names:
         raise DataError(
@@ -202,6 +214,12 @@ def evaluate(
     head = model.dclsify.config.num_classes
     if head is not None and head != len(dataset.class_names):
         raise DataError(f"{checkpoint} scores {head} classes and the data has {len(dataset.class_names)}")
+    multi_label = model.multi_label if model.multi_label is not None else dataset.multi_label  # as it was trained
     loader = make_loader(dataset, batch_size, train=False, workers=workers, pin_memory=device.type == "cuda")
-    scores, targets = score_clips(model, loader, LogMel(audio).to(device), device, precision, dataset.multi_label)
-    return metrics(scores, targets, dataset.multi_label, dataset.class_names)
+    scores, targets, unreadable = score_clips(model, loader, LogMel(audio).to(device), device, precision, multi_label)
+    try:
+        result = metrics(scores, targets, multi_label, dataset.class_names)
+    except ValueError as error:
+        raise DataError(f"cannot score {data}: {error}") from None
+    result.unreadable = unreadable
+    return result

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -49,7 +50,7 @@ class TrainRecipe:
     """How to train (Table 2 of the paper by default): optimiser, schedule, precision, bookkeeping."""
 
     epochs: int = 60
-    warmup_epochs: float = 20
+    warmup_epochs: float = 20.0
     batch_size: int = 64  # per process
     accumulate: int = 1  # micro-batches per optimiser step
     lr: float = 4e-3  # at reference_batch clips per step, scaled linearly with the real global batch
@@ -105,7 +106,7 @@ def _check_type(key: str, value, default):
     """``value`` as the type of the field's default: ints are fine where floats go, nothing else converts."""
     if isinstance(default, bool):
         ok = isinstance(value, bool)
-    elif isinstance(default, float) or key in ("train.warmup_epochs",):
+    elif isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif isinstance(default, int) and key != "model.match":
@@ -158,10 +159,13 @@ def _check(recipe: Recipe) -> Recipe:
         (t.lr > 0 and t.reference_batch >= 1 and t.min_lr >= 0, "train.lr, reference_batch must be > 0, min_lr >= 0"),
         (t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {t.optimizer!r}"),
         (t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}"),
-        (len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas must be two numbers in [0, 1)"),
+        (
+            len(t.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas),
+            "train.betas must be two numbers in [0, 1)",
+        ),
         (0 <= t.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
         (t.clip_grad >= 0 and t.weight_decay >= 0, "train.clip_grad and train.weight_decay must be >= 0"),
-        (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device: auto, cpu or cuda[:N]"),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "train.device must be auto, cpu or cuda[:N]"),
         (
             min(t.eval_every, t.checkpoint_every, t.keep, t.log_every) >= 1,
             "train.eval_every, checkpoint_every, keep and log_every must be at least 1",

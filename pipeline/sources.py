@@ -63,11 +63,13 @@ def audioset_classes() -> tuple[AudioSetClass, ...]:
 
 class Batch(NamedTuple):
     """What a loader yields: int16 waveforms (B, samples), bool targets (B, classes), the
-    dataset index of each clip, and the clips that were replaced: (path, reason) pairs."""
+    dataset index of each clip, whether that clip could not be read and another stands in
+    for it (B,), and the clips that could not be read: (path, reason) pairs."""
 
     waveforms: Tensor
     targets: Tensor
     indices: Tensor
+    replaced: Tensor
     failures: list[tuple[str, str]]
 
 
@@ -77,6 +79,7 @@ def collate(items: Sequence[tuple[Tensor, Tensor, int, list]]) -> Batch:
         torch.stack(waveforms),
         torch.stack(targets),
         torch.tensor(indices, dtype=torch.int64),
+        torch.tensor([bool(clip) for clip in failures]),
         [failure for clip in failures for failure in clip],
     )
 
@@ -239,7 +242,12 @@ class HDF5Clips(ClipDataset):
                 rates.append(int(handle.attrs.get("sample_rate", 32000)))
                 lengths.append(waveform.shape[1])
                 stored = handle.attrs.get("class_names")
-                class_lists.append(json.loads(stored) if stored is not None else None)
+                try:
+                    class_lists.append(json.loads(stored) if stored is not None else None)
+                except (json.JSONDecodeError, TypeError):
+                    raise DataError(f"{path}: its class_names attribute is not a JSON list of names") from None
+                if rates[-1] < 1:
+                    raise DataError(f"{path}: its sample_rate attribute is {rates[-1]}")
                 multi.append(bool(handle.attrs.get("multi_label", True)))
                 widths.append(target.shape[1])
         if len(set(widths)) > 1:
@@ -467,6 +475,8 @@ class ManifestClips(LabelledFiles):
         lookup |= {name: i for i, name in enumerate(names)}
         paths, labels = [], []
         for line, relative, clip_labels in rows:
+            if not clip_labels:
+                raise DataError(f"{manifest}, line {line}: no labels (a clip needs at least one)")
             indices = []
             for label in clip_labels:
                 if label not in lookup:

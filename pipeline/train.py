@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -40,7 +43,15 @@ from .loader import FailureLog, make_loader
 from .recipe import Recipe, RecipeError, load_recipe
 from .sources import ClipDataset, open_source
 
-RUN_FILES = ("config.json", "metrics.jsonl", "curves.png", "best.safetensors", "checkpoints", "tensorboard")
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "curves.png",
+    "best.safetensors",
+    "last.safetensors",
+    "checkpoints",
+    "tensorboard",
+)
 
 
 class TrainError(RuntimeError):
@@ -284,16 +295,13 @@ def _save_checkpoint(run_dir: Path, state: dict, keep: int, best_step: int | Non
     return path
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    if resume:
-        if not (run_dir / "config.json").is_file():
-            raise TrainError(f"{run_dir} holds no run to resume (no config.json)")
-        if not _checkpoints(run_dir):
-            raise TrainError(f"{run_dir} has no checkpoint to resume from (checkpoints/step_*.pt)")
-        return
+def _prepare_run_dir(run_dir: Path, overwrite: bool, clear: bool) -> None:
+    """Refuse a directory that holds another run, unless ``overwrite``; ``clear`` removes its files."""
     if (run_dir / "config.json").exists():
         if not overwrite:
             raise TrainError(f"{run_dir} holds a run already: --resume {run_dir} continues it, --overwrite replaces it")
+        if not clear:
+            return
         for name in RUN_FILES:
             target = run_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
@@ -339,6 +347,44 @@ def plot_curves(run_dir: Path) -> Path | None:
     return path
 
 
+class _Stop(Exception):
+    """Raised between optimiser steps when the run is asked to stop."""
+
+
+class _StopRequest:
+    """Ctrl-C, caught as a request: the run stops after the step under way, so that the
+    checkpoint it saves is a state the run really passed through (a resume is exact). A
+    second Ctrl-C stops at once, without saving. Under DDP every rank stops at the same step."""
+
+    def __init__(self, after_steps: int | None) -> None:
+        self.after_steps, self.asked = after_steps, False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._ask)
+
+    def _ask(self, signum, frame) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def requested(self, step: int, device: torch.device, agree: bool) -> bool:
+        """Whether to stop now; under DDP the ranks compare their Ctrl-Cs where ``agree`` (every
+        few steps: each comparison waits for the GPU)."""
+        if self.after_steps is not None and step >= self.after_steps:
+            return True
+        if not dist.is_initialized():
+            return self.asked
+        if not agree:
+            return False
+        flag = torch.tensor([float(self.asked)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 # -- the run --------------------------------------------------------------------------------
 
 
@@ -352,54 +398,89 @@ def train(
     trust_code: bool = False,
     console=None,
     stop_after: int | None = None,
+    audio_dir: str | os.PathLike | None = None,
+    classes: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train the model ``recipe`` names on ``data`` (any source :func:`~dclsify.pipeline.sources.open_source`
     reads), evaluating on ``eval_data`` every ``train.eval_every`` epochs; results in ``out``.
 
-    ``resume=True`` continues the run in ``out`` (its recipe and data are read from its
-    ``config.json``; give neither). ``stop_after=N`` stops, as Ctrl-C does, after N
-    optimiser steps in total (a checkpoint is saved; resume continues). Returns a :class:`TrainResult`.
+    ``audio_dir`` and ``classes`` are ``open_source``'s: the folder of a segment CSV's clips,
+    a manifest's class list. ``resume=True`` continues the run in ``out`` (its recipe and
+    data are read from its ``config.json``; give neither). Ctrl-C (or ``stop_after=N``
+    optimiser steps in total) stops the run after the step under way, saves a checkpoint and
+    returns; resume continues exactly. Returns a :class:`TrainResult`.
     """
     started = time.perf_counter()
     run_dir = Path(out)
     if resume:
         if recipe is not None or data is not None:
             raise TrainError("--resume continues a run as it was recorded: give no recipe, --set or --data")
-        _prepare_run_dir(run_dir, resume, overwrite)
-        recorded = json.loads((run_dir / "config.json").read_text())
+        recorded = _recorded_run(run_dir)
         recipe = _recipe_of(recorded)
         data, eval_data = recorded["data"], recorded["eval_data"]
+        audio_dir, classes = recorded.get("audio_dir"), recorded.get("classes")
     else:
         recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
         if data is None:
             raise TrainError("no training data: give --data (an HDF5 file, a segment CSV or a manifest)")
-        _prepare_run_dir(run_dir, resume, overwrite)
     t = recipe.train
     rank, world, local_rank = _distributed(t.device)
+    if not resume:
+        _prepare_run_dir(run_dir, overwrite, clear=rank == 0)  # every rank decides alike; one clears
+        if world > 1:
+            dist.barrier()
     device = _device(t.device, local_rank)
-    train_set = open_source(data, recipe.audio)
-    eval_set = open_source(eval_data, recipe.audio) if eval_data is not None else None
+    if t.compile and device.type != "cuda":
+        raise TrainError(
+            "train.compile is for GPUs: on the CPU, torch 2.11's compiled backward of these models gave wrong "
+            "gradients (some zero) in our tests; train eagerly there"
+        )
+    train_set = open_source(data, recipe.audio, audio_dir, classes)
+    eval_set = open_source(eval_data, recipe.audio, audio_dir, classes) if eval_data is not None else None
+    if not train_set.class_names:
+        raise TrainError(f"{data} has no classes to learn (no labels)")
     if eval_set is not None and eval_set.class_names != train_set.class_names:
         raise TrainError(
             f"the evaluation data's {len(eval_set.class_names)} classes are not the training data's "
             f"{len(train_set.class_names)} (same names in the same order are needed)"
         )
-    torch.manual_seed(t.seed)
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
     random.seed(t.seed)
     np.random.seed(t.seed)
     model = build_model(recipe, len(train_set.class_names), trust_code).to(device)
+    torch.manual_seed(t.seed + rank)  # and each rank its own drop-path masks
     if rank == 0 and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         record = {
             "recipe": recipe.as_dict(),
-            "data": [str(p) for p in data] if isinstance(data, list) else str(data),
-            "eval_data": None if eval_data is None else str(eval_data),
+            "data": _as_text(data),
+            "eval_data": _as_text(eval_data),
+            "audio_dir": _as_text(audio_dir),
+            "classes": _as_text(classes),
             "class_names": train_set.class_names,
             "multi_label": train_set.multi_label,
             "world_size": world,
         }
         (run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
     return _run(recipe, model, train_set, eval_set, run_dir, device, rank, world, resume, console, stop_after, started)
+
+
+def _as_text(path):
+    """A path, or a list of them, as config.json records it."""
+    if path is None:
+        return None
+    return [str(p) for p in path] if isinstance(path, (list, tuple)) else str(path)
+
+
+def _recorded_run(run_dir: Path) -> dict:
+    if not (run_dir / "config.json").is_file():
+        raise TrainError(f"{run_dir} holds no run to resume (no config.json)")
+    if not _checkpoints(run_dir):
+        raise TrainError(f"{run_dir} has no checkpoint to resume from (checkpoints/step_*.pt)")
+    try:
+        return json.loads((run_dir / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise TrainError(f"{run_dir / 'config.json'} is damaged ({error})") from None
 
 
 def _recipe_of(recorded: dict) -> Recipe:
@@ -452,8 +533,14 @@ def _run(
     frontend = LogMel(recipe.audio).to(device)
     augment = Augment(frontend, recipe.augment, seed=t.seed + 1000 * rank)
     step, epoch, step_in_epoch, best_map, best_step = 0, 0, 0, None, None
+    window_steps, window_loss = 0, 0.0  # what the next line of metrics.jsonl averages
     if resume:
-        state = torch.load(_checkpoints(run_dir)[-1], map_location="cpu", weights_only=True)
+        last = _checkpoints(run_dir)[-1]
+        try:
+            state = torch.load(last, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
+            detail = " ".join(str(error).split())[:200]
+            raise TrainError(f"cannot read {last} ({detail}): remove it to resume from the one before") from None
         try:
             model.load_state_dict(state["model"])
             if ema is not None and state["ema"] is not None:
@@ -466,6 +553,7 @@ def _run(
             scaler.load_state_dict(state["scaler"])
         step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         best_map, best_step = state["best_map"], state["best_step"]
+        window_steps, window_loss = state["window"]
         _set_random_states(state["random"], rank, augment, device)
     trained = model
     if world > 1:
@@ -478,7 +566,7 @@ def _run(
     writer = _tensorboard(run_dir) if rank == 0 else None
     progress = _progress(console) if rank == 0 else None
     clips_done, clock = 0, time.perf_counter()
-    window_steps, window_start = 0, time.perf_counter()  # since the last line of metrics.jsonl
+    window_start = time.perf_counter()
 
     def checkpoint() -> None:
         state = {
@@ -491,6 +579,7 @@ def _run(
             "step_in_epoch": step_in_epoch,
             "best_map": best_map,
             "best_step": best_step,
+            "window": (window_steps, float(loss_sum)),
             "random": _random_states(augment, device),
         }
         if rank == 0:
@@ -498,18 +587,25 @@ def _run(
 
     def evaluate() -> dict:
         nonlocal best_map, best_step, last_eval
-        results = {}
+        results, unreadable = {}, []
         for name, candidate in (("eval", model), ("eval_ema", None if ema is None else ema.module)):
             if candidate is not None:
-                scores, targets = score_clips(candidate, eval_loader, frontend, device, t.precision, multi_label)
-                results[name] = metrics(scores, targets, multi_label, train_set.class_names).as_dict(per_class=False)
+                scores, targets, unreadable = score_clips(
+                    candidate, eval_loader, frontend, device, t.precision, multi_label
+                )
+                try:
+                    results[name] = metrics(scores, targets, multi_label, train_set.class_names).as_dict()
+                except ValueError as error:
+                    raise TrainError(f"cannot score the evaluation data: {error}") from None
         model.train()
+        if unreadable and rank == 0:
+            _say(progress, f"{len(unreadable)} evaluation clips could not be read and were left out")
         if rank == 0:
             better = max(results, key=lambda k: results[k]["mAP"])
             if best_map is None or results[better]["mAP"] > best_map:
                 best_map, best_step = results[better]["mAP"], step
                 exported = model if better == "eval" else ema.module
-                save(exported, run_dir / "best.safetensors", train_set.class_names, recipe.audio)
+                save(exported, run_dir / "best.safetensors", train_set.class_names, recipe.audio, multi_label)
             _write_json_line(metrics_path, {"step": step, "epoch": epoch, **results})
             if writer is not None:
                 for name, values in results.items():
@@ -523,7 +619,8 @@ def _run(
         return results
 
     model.train()
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.full((), window_loss, device=device)
+    stop = _StopRequest(stop_after)
     try:
         while epoch < t.epochs:
             loader.sampler.set_epoch(epoch, start=step_in_epoch * t.batch_size * t.accumulate)
@@ -547,13 +644,13 @@ def _run(
                     x, y = augment(
                         batch.waveforms.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True)
                     )
-                    sync = trained.no_sync() if world > 1 and micro < t.accumulate - 1 else nullcontext()
-                    with sync, autocast(device, t.precision):
-                        logits = forward(x).float()
-                    loss = (
-                        F.binary_cross_entropy_with_logits(logits, y) if multi_label else F.cross_entropy(logits, y)
-                    ) / t.accumulate
-                    with sync:
+                    # DDP averages gradients at the last micro-batch's backward only
+                    with trained.no_sync() if world > 1 and micro < t.accumulate - 1 else nullcontext():
+                        with autocast(device, t.precision):
+                            logits = forward(x).float()
+                        loss = (
+                            F.binary_cross_entropy_with_logits(logits, y) if multi_label else F.cross_entropy(logits, y)
+                        ) / t.accumulate
                         (scaler.scale(loss) if scaler else loss).backward()
                     loss_sum += loss.detach()
                 if t.clip_grad:
@@ -604,23 +701,28 @@ def _run(
                     progress.update(task, completed=step_in_epoch)
                 if step % t.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
                     checkpoint()
-                if stop_after is not None and step >= stop_after:
-                    raise KeyboardInterrupt
+                if stop.requested(step, device, agree=step % t.log_every == 0):
+                    raise _Stop
             epoch, step_in_epoch = epoch + 1, 0
             if progress:
                 progress.remove_task(task)
             if eval_loader is not None and (epoch % t.eval_every == 0 or epoch == t.epochs):
-                evaluate()
+                try:
+                    evaluate()
+                except BaseException:
+                    checkpoint()  # the epoch's training is kept, whatever befell its evaluation
+                    raise
             checkpoint()
             window_start = time.perf_counter()  # the next rate is of training alone
-    except KeyboardInterrupt:
+    except _Stop:
         interrupted = True
         checkpoint()
         _say(
             progress,
-            f"interrupted at step {step}: a checkpoint is saved; continue with `dclsify train --resume {run_dir}`",
+            f"stopped at step {step}: a checkpoint is saved; continue with `dclsify train --resume {run_dir}`",
         )
     finally:
+        stop.close()
         if progress:
             progress.stop()
         if writer is not None:
@@ -629,6 +731,8 @@ def _run(
         _check_replicas(model, rank, metrics_path)
     if rank == 0 and metrics_path.exists():
         plot_curves(run_dir)
+    if rank == 0 and not interrupted:
+        save(model, run_dir / "last.safetensors", train_set.class_names, recipe.audio, multi_label)
     seconds = time.perf_counter() - started
     best = run_dir / "best.safetensors"
     return TrainResult(

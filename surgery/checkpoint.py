@@ -35,6 +35,7 @@ METADATA_KEYS = (
 )
 JSON_METADATA = ("model_kwargs", "rewrite", "class_names", "pretrained")
 AUDIO_KEY = "audio"  # the front-end settings a trained model hears with; absent from untrained checkpoints
+MULTI_LABEL_KEY = "multi_label"  # sigmoid (true) or softmax (false) scores; absent from untrained checkpoints
 
 # The timm model arguments a checkpoint may record: what shapes the architecture (generic
 # timm arguments, then those of the registered families' classes). Everything else is
@@ -283,14 +284,21 @@ def _check_class_names(class_names, head_size: int | None) -> None:
         raise CheckpointError(f"class_names holds {len(class_names)} names for a head of {head_size} classes")
 
 
-def save(model: nn.Module, path: str | os.PathLike, class_names: list[str] | None = None, audio=None) -> Path:
+def save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    class_names: list[str] | None = None,
+    audio=None,
+    multi_label: bool | None = None,
+) -> Path:
     """Write ``model`` (made by :func:`convert`) to a ``.safetensors`` file that :func:`load` can rebuild.
 
     Parameters shared between layers (synchronised ``P``/``SIG``) are stored once. The
     write goes through a temporary file: an interrupted save never leaves a partial
     file under ``path``. ``class_names``, when given, name the head's outputs; ``audio``
     (an :class:`~dclsify.pipeline.frontend.AudioConfig`) records the clip format and log-mel
-    settings the model was trained with, so that evaluation and inference need no flags.
+    settings the model was trained with, and ``multi_label`` whether its scores are sigmoids
+    (multi-label, BCE) or a softmax (one label a clip), so that evaluation and inference need no flags.
     """
     import timm
 
@@ -315,6 +323,8 @@ def save(model: nn.Module, path: str | os.PathLike, class_names: list[str] | Non
     }
     if audio is not None:
         metadata[AUDIO_KEY] = audio.to_json()
+    if multi_label is not None:
+        metadata[MULTI_LABEL_KEY] = json.dumps(bool(multi_label))
     with atomic_path(path) as temporary:
         save_model(model, str(temporary), metadata=metadata)
     return Path(path)
@@ -347,7 +357,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
             f"{path} was written by dclsify {written_by}, newer than this dclsify {__version__}: upgrade to load it"
         )
     # besides ours, safetensors records each shared tensor's other names: name -> stored name
-    known = (*METADATA_KEYS, AUDIO_KEY)
+    known = (*METADATA_KEYS, AUDIO_KEY, MULTI_LABEL_KEY)
     unknown = [key for key, value in raw.items() if key not in known and value not in tensor_names]
     missing = [key for key in METADATA_KEYS if key not in raw]
     if unknown or missing:
@@ -360,6 +370,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
         except json.JSONDecodeError as error:
             raise CheckpointError(f"{path}: damaged dclsify metadata: {key!r} is not JSON ({error})") from None
     decoded[AUDIO_KEY] = _audio_settings(path, raw.get(AUDIO_KEY))
+    decoded[MULTI_LABEL_KEY] = {None: None, "true": True, "false": False}.get(raw.get(MULTI_LABEL_KEY), "bad")
+    if decoded[MULTI_LABEL_KEY] == "bad":
+        raise CheckpointError(f"{path}: damaged dclsify metadata: 'multi_label' must be true or false")
     source, pretrained = decoded["source"], decoded["pretrained"]
     if not source.startswith(("timm:", "file:")):
         raise CheckpointError(f"{path}: metadata 'source' must be timm:NAME or file:PATH.py:FACTORY, got {source!r}")
@@ -420,6 +433,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", trust_code
     model.load_state_dict(weights, strict=False)  # what strict would call missing: aliases of a stored tensor
     model.class_names = metadata["class_names"]
     model.audio = metadata[AUDIO_KEY]
+    model.multi_label = metadata[MULTI_LABEL_KEY]
     return model.to(device)
 
 

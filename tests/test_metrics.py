@@ -150,3 +150,13 @@ def test_per_class_csv(tmp_path):
     assert rows[2]["ap"] == ""
     assert [int(r["positives"]) for r in rows] == [2, 1, 0]
     assert [p.name for p in path.parent.iterdir()] == ["per_class.csv"]  # no temporary left behind
+
+
+def test_an_infinite_d_prime_is_null_in_json():
+    import json
+
+    from dclsify.pipeline.evaluate import metrics
+
+    perfect = metrics(np.array([[0.9], [0.1]]), np.array([[True], [False]]))
+    assert perfect.d_prime == float("inf") and perfect.as_dict()["d_prime"] is None
+    json.dumps(perfect.as_dict(), allow_nan=False)  # valid JSON
