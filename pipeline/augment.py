@@ -2,10 +2,11 @@
 
 In the order of the paper's code (NOTES.md section 6): random roll of the waveform,
 speed perturbation, the power spectrogram, random erasing on it, the log-mel, label
-smoothing and mixup. Every random draw is made on the device, from one seeded
-``torch.Generator`` (and mixup's one lambda a batch from a seeded NumPy generator, a
-plain number), so a batch is augmented without a single host-device synchronisation; both
-generators' states travel with a checkpoint, and a run resumes exactly.
+smoothing and mixup. Every random tensor is drawn on the device, from one seeded
+``torch.Generator``, and the few plain numbers (how many rows to perturb, mixup's lambda)
+on the host from a seeded NumPy generator, so a batch is augmented without a single
+host-device synchronisation; both generators' states travel with a checkpoint, and a
+run resumes exactly.
 """
 
 from __future__ import annotations
@@ -109,11 +110,11 @@ def erase_boxes(spectrograms: Tensor, boxes: Tensor) -> Tensor:
     """Set one box per row of (batch, freq, time) to 0; ``boxes`` is (batch, 4): top, height,
     left, width (a height of 0 erases nothing)."""
     _, height, width = spectrograms.shape
-    rows = torch.arange(height, device=spectrograms.device)[None, :, None]
-    cols = torch.arange(width, device=spectrograms.device)[None, None, :]
-    top, tall, left, wide = (boxes[:, i, None, None] for i in range(4))
-    mask = (rows >= top) & (rows < top + tall) & (cols >= left) & (cols < left + wide)
-    return spectrograms.masked_fill(mask, 0)
+    rows = torch.arange(height, device=spectrograms.device)[None, :]
+    cols = torch.arange(width, device=spectrograms.device)[None, :]
+    top, tall, left, wide = (boxes[:, i, None] for i in range(4))
+    in_rows, in_cols = (rows >= top) & (rows < top + tall), (cols >= left) & (cols < left + wide)
+    return spectrograms.masked_fill(in_rows[:, :, None] & in_cols[:, None, :], 0)
 
 
 class Augment(nn.Module):
@@ -129,7 +130,7 @@ class Augment(nn.Module):
         self.config = config or AugmentConfig()
         self.seed = seed
         self.generator: torch.Generator | None = None  # made on the device of the first batch
-        self.mixup_rng = np.random.default_rng(seed)
+        self.host_rng = np.random.default_rng(seed)  # for plain numbers: row counts and mixup's lambda
 
     def _generator_on(self, device: torch.device) -> torch.Generator:
         if self.generator is None or self.generator.device.type != device.type:
@@ -142,11 +143,11 @@ class Augment(nn.Module):
         return {
             "device": None if generator is None else generator.device.type,
             "torch": None if generator is None else generator.get_state(),
-            "mixup": self.mixup_rng.bit_generator.state,
+            "host": self.host_rng.bit_generator.state,
         }
 
     def set_rng_state(self, state: dict) -> None:
-        self.mixup_rng.bit_generator.state = state["mixup"]
+        self.host_rng.bit_generator.state = state["host"]
         self.generator = None
         if state["torch"] is not None:
             self.generator = torch.Generator(device=state["device"])
@@ -164,14 +165,20 @@ class Augment(nn.Module):
         generator = self._generator_on(x.device)
         if c.roll:
             x = roll(x, torch.randint(-samples, samples, (batch,), generator=generator, device=x.device))
-        if c.speed_p > 0:
-            chosen = self._uniform(0, 1, batch, x) < c.speed_p
-            rates = torch.where(chosen, self._uniform(c.speed_min, c.speed_max, batch, x), 1.0)
+        chosen = self._chosen(batch, c.speed_p, x)
+        if len(chosen):
+            rates = self._uniform(c.speed_min, c.speed_max, len(chosen), x)
             span = samples - samples / rates  # > 0: room to place a shorter sound; < 0: how much to cut
-            offsets = self._uniform(span.clamp(max=0), span.clamp(min=0), batch, x)
-            # every row goes through, so that no host ever waits to learn which were chosen
-            x = torch.where(chosen[:, None], change_speed(x, rates, offsets), x)
+            offsets = self._uniform(span.clamp(max=0), span.clamp(min=0), len(chosen), x)
+            x = x.index_copy(0, chosen, change_speed(x[chosen], rates, offsets))
         return x
+
+    def _chosen(self, batch: int, p: float, like: Tensor) -> Tensor:
+        """Which rows an augmentation of probability ``p`` takes: a random subset whose size the
+        host draws (``p * batch``, rounded up or down at random so that each row's chance is
+        ``p``), so that the work is done on those rows only and no host waits for the device."""
+        count = int(p * batch + self.host_rng.random())
+        return torch.randperm(batch, generator=self._generator_on(like.device), device=like.device)[:count]
 
     def _boxes(self, batch: int, height: int, width: int, like: Tensor) -> Tensor:
         """timm's RandomErasing boxes (top, height, left, width; one per erased clip, the first of
@@ -201,7 +208,7 @@ class Augment(nn.Module):
         soft = targets.float() * (1 - c.label_smoothing) + c.label_smoothing / targets.shape[-1]
         if c.mixup_alpha == 0:
             return logmels, soft
-        lam = float(self.mixup_rng.beta(c.mixup_alpha, c.mixup_alpha))  # a number for the kernels, not a tensor
+        lam = float(self.host_rng.beta(c.mixup_alpha, c.mixup_alpha))  # a number for the kernels, not a tensor
         partner = torch.randperm(len(logmels), generator=self._generator_on(logmels.device), device=logmels.device)
         return lam * logmels + (1 - lam) * logmels[partner], lam * soft + (1 - lam) * soft[partner]
 

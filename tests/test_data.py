@@ -309,6 +309,8 @@ def test_augmentation_probabilities_over_many_draws():
     moved = augment.waveforms(waveforms)
     changed = (moved - waveforms / 32768).abs().amax(dim=1) > 1e-3
     assert changed.float().mean().item() == pytest.approx(0.5, abs=0.03)  # speed perturbation, p 0.5
+    counts = [len(augment._chosen(3, 0.5, waveforms)) for _ in range(2000)]  # small batches: 1 or 2 of 3 rows
+    assert set(counts) == {1, 2} and np.mean(counts) / 3 == pytest.approx(0.5, abs=0.02)
     boxes = augment._boxes(4000, 129, 33, waveforms)
     erased = boxes[:, 1] > 0
     assert erased.float().mean().item() == pytest.approx(0.25, abs=0.03)  # random erasing, p 0.25
