@@ -10,6 +10,7 @@ targets only; everything that runs batched runs on the device.
 from __future__ import annotations
 
 import logging
+import signal
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -79,7 +80,14 @@ def make_loader(
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),  # its seed draws must not move the global RNG: exact resume
+        worker_init_fn=ignore_interrupts,
     )
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """A worker leaves Ctrl-C to the training process, which stops after the step under way
+    and still needs its batches (a worker's default is to exit at once)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class FailureLog:

@@ -456,3 +456,18 @@ def test_augmentation_never_waits_for_the_device(device):
             torch.cuda.set_sync_debug_mode(0)
     assert logmels.device == waveforms.device and logmels.shape == (8, 1, 128, 51) and soft.shape == (8, 5)
     assert augment.get_rng_state()["device"] == device.type
+
+
+def test_loader_workers_leave_ctrl_c_to_the_training_process():
+    import signal
+
+    class Probe(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            handler = signal.getsignal(signal.SIGINT)
+            return torch.zeros(4, dtype=torch.int16), torch.zeros(1, dtype=torch.bool), index, [("x", str(handler))]
+
+    batch = next(iter(make_loader(Probe(), batch_size=2, train=False, workers=1)))
+    assert batch.failures == [("x", str(signal.SIG_IGN))] * 2
