@@ -177,6 +177,8 @@ class Augment(nn.Module):
         """Which rows an augmentation of probability ``p`` takes: a random subset whose size the
         host draws (``p * batch``, rounded up or down at random so that each row's chance is
         ``p``), so that the work is done on those rows only and no host waits for the device."""
+        if p == 0:
+            return torch.zeros(0, dtype=torch.int64, device=like.device)
         count = int(p * batch + self.host_rng.random())
         return torch.randperm(batch, generator=self._generator_on(like.device), device=like.device)[:count]
 
