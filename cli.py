@@ -618,11 +618,15 @@ def train_command(
                 )
             result = train(out=resume, resume=True, trust_code=trust_code, console=console)
         else:
-            if data is None:
+            if data is None:  # the demo's recipe on the demo's sound set
+                if recipe is not None or eval_data is not None:
+                    fail(
+                        "no --data: give the training data (without --data, --recipe and --eval-data, the demo trains)"
+                    )
                 from dclsify.pipeline.demo import demo_data
 
                 data, eval_data = demo_data(console=console)
-                recipe = recipe or "demo"
+                recipe = "demo"
             resolved = load_recipe(recipe, overrides)
             run_dir = out or Path("runs") / (Path(recipe).stem if recipe else "default")
             result = train(

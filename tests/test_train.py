@@ -222,6 +222,8 @@ def test_train_and_eval_commands(sets, tmp_path):
     assert "best eval mAP" in result.output
     again = runner.invoke(app, args)
     assert again.exit_code == 1 and "holds a run already" in again.output and "Traceback" not in again.output
+    no_data = runner.invoke(app, ["train", "--recipe", "cpu_small"])
+    assert no_data.exit_code == 1 and "no --data" in no_data.output
     bad = runner.invoke(app, ["train", "--data", str(train_set), "--set", "train.lrr=1"])
     assert bad.exit_code == 1 and "did you mean train.lr" in bad.output
     per_class = tmp_path / "ap.csv"
