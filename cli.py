@@ -745,6 +745,59 @@ def demo_command(
     console.print(f"done in {result.seconds / 60:.1f} min; models: {escape(str(folder / 'runs'))}/*/best.safetensors")
 
 
+@app.command("predict")
+def predict_command(
+    checkpoint: Path = typer.Argument(..., help="A trained dclsify checkpoint (e.g. a run's best.safetensors)."),
+    sounds: list[Path] = typer.Argument(..., help="Sound files, or folders of them (searched recursively)."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Labels shown per sound."),
+    threshold: float | None = typer.Option(None, help="Show only labels scoring at least this."),
+    pooling: str = typer.Option("max", help="Pool the windows of a long sound by max or mean."),
+    hop: float | None = typer.Option(None, help="Seconds between windows of a long sound (default: half a clip)."),
+    json_lines: bool = typer.Option(False, "--json", help="One JSON object per sound, for machines."),
+    device: str = typer.Option("auto", help="auto (cuda where torch sees a GPU), cpu, cuda, cuda:1, ..."),
+    trust_code: bool = typer.Option(False, "--trust-code", help="Allow a file: model source to run its Python file."),
+) -> None:
+    """Tag sounds with a trained model: the top labels of each, with their scores."""
+    from rich.progress import Progress
+
+    from dclsify.pipeline.predict import Tagger, audio_files
+    from dclsify.surgery.checkpoint import CheckpointError
+
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check_device(device)
+    try:
+        tagger = Tagger(checkpoint, device, pooling, hop, trust_code=trust_code)
+    except (CheckpointError, ValueError) as error:
+        fail(str(error))
+    paths = audio_files(sounds)
+    failures, results = [], []
+    with Progress(console=console, transient=True, disable=len(paths) < 2 or json_lines) as bar:
+        for outcome in bar.track(tagger.predict_files(paths), total=len(paths), description="tagging"):
+            if isinstance(outcome, tuple):
+                failures.append(outcome)
+            elif json_lines:
+                typer.echo(json.dumps(outcome.as_dict(top_k, threshold)))
+            else:
+                results.append(outcome)
+    if results:
+        table = Table(**COMPACT)
+        for heading in ("sound", "label", "score"):
+            table.add_column(heading, justify="right" if heading == "score" else "left", overflow="fold")
+        for prediction in results:
+            top = prediction.top(top_k, threshold) or [("(none above the threshold)", float("nan"))]
+            for rank, (label, score) in enumerate(top):
+                name = escape(prediction.source) if rank == 0 else ""
+                table.add_row(name, escape(label), "" if score != score else f"{score:.3f}")
+        print_table(table)
+    for path, reason in failures:
+        console.print(f"[yellow]warning:[/] {escape(path)}: {escape(reason)}", soft_wrap=True)
+    if failures and len(failures) == len(paths):
+        fail("no sound could be read")
+
+
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
     console.print(f"[yellow]warning:[/] {escape(str(message))}")
 

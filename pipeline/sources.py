@@ -116,12 +116,10 @@ def resample(mono: np.ndarray, rate: int, sample_rate: int) -> np.ndarray:
         return _resampler(rate, sample_rate)(torch.from_numpy(np.ascontiguousarray(mono))).numpy()
 
 
-def decode(path: str | os.PathLike, audio: AudioConfig) -> np.ndarray:
-    """One sound file -> an int16 clip of ``audio.samples`` at ``audio.sample_rate``.
-
-    Only the part that fits in a clip is decoded. Raises :class:`ClipError` with the
-    reason (missing, unreadable, empty, shorter than a frame).
-    """
+def read_mono(path: str | os.PathLike, sample_rate: int, seconds: float | None = None) -> np.ndarray:
+    """A sound file as float32 mono in [-1, 1] at ``sample_rate``: its first ``seconds`` (None:
+    all of it; only what is needed is decoded). Raises :class:`ClipError` with the reason
+    (missing, unreadable, empty)."""
     import soundfile
 
     path = Path(path)
@@ -130,7 +128,7 @@ def decode(path: str | os.PathLike, audio: AudioConfig) -> np.ndarray:
     try:
         with soundfile.SoundFile(path) as reader:
             rate = reader.samplerate
-            frames = math.ceil(audio.samples * rate / audio.sample_rate) + 64
+            frames = -1 if seconds is None else math.ceil(seconds * rate) + 64
             data = reader.read(frames, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, ValueError, OSError) as error:
         detail = getattr(error, "error_string", None) or " ".join(str(error).split())
@@ -138,7 +136,16 @@ def decode(path: str | os.PathLike, audio: AudioConfig) -> np.ndarray:
     if data.size == 0:
         raise ClipError("empty")
     mono = data @ np.full(data.shape[1], 1 / data.shape[1], dtype=np.float32)  # the mean of the channels, 10x faster
-    mono = resample(mono, rate, audio.sample_rate)
+    return resample(mono, rate, sample_rate)
+
+
+def decode(path: str | os.PathLike, audio: AudioConfig) -> np.ndarray:
+    """One sound file -> an int16 clip of ``audio.samples`` at ``audio.sample_rate``.
+
+    Only the part that fits in a clip is decoded. Raises :class:`ClipError` with the
+    reason (missing, unreadable, empty, shorter than a frame).
+    """
+    mono = read_mono(path, audio.sample_rate, audio.seconds)
     if len(mono) < audio.n_fft:
         raise ClipError(f"shorter than a frame ({len(mono)} samples < n_fft {audio.n_fft})")
     return to_clip(mono, audio.samples)
