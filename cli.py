@@ -798,6 +798,48 @@ def predict_command(
         fail("no sound could be read")
 
 
+@app.command("kernels")
+def kernels_command(
+    checkpoint: Path = typer.Argument(..., help="A dclsify checkpoint with Dcls2d layers."),
+    output: Path = typer.Option(Path("kernels.png"), "-o", "--output", help="The PNG to write."),
+    channels: int = typer.Option(3, min=0, help="Built kernels drawn per group."),
+    stats: bool = typer.Option(False, "--stats", help="Also print per-group statistics (table, and JSON with --json)."),
+    json_output: bool = typer.Option(False, "--json", help="With --stats: the statistics as JSON instead of a table."),
+    trust_code: bool = typer.Option(False, "--trust-code", help="Allow a file: model source to run its Python file."),
+) -> None:
+    """Draw what a DCLS model learned: element positions, spreads and weights per stage, and built kernels."""
+    from dclsify.surgery.checkpoint import CheckpointError, load
+    from dclsify.surgery.kernels import kernel_stats, plot_kernels
+
+    try:
+        model = load(checkpoint, trust_code=trust_code)
+    except CheckpointError as error:
+        fail(str(error))
+    try:
+        path = plot_kernels(model, output, channels, title=f"{checkpoint.name}: learned DCLS kernels")
+    except ValueError as error:
+        fail(f"{checkpoint}: {error}")
+    except OSError as error:
+        fail(f"cannot write {output}: {error.strerror or error}")
+    if stats and json_output:
+        typer.echo(json.dumps([group.as_dict() for group in kernel_stats(model)], indent=2))
+        return
+    if stats:
+        table = Table(**COMPACT)
+        headings = ("group", "layers", "channels", "count", "window", "position std", "mean distance", "at edge")
+        for heading in (*headings, "mean sigma", "mean |w|"):
+            table.add_column(heading, justify="right")
+        for g in kernel_stats(model):
+            sigma = "-" if g.mean_sigma is None else f"{g.mean_sigma:.3f}"
+            table.add_row(
+                str(g.group), str(g.layers), str(g.channels), str(g.count), str(g.window),
+                f"{g.position_spread:.2f}", f"{g.mean_distance:.2f}", f"{g.at_edge:.1%}", sigma,
+                f"{g.mean_abs_weight:.4f}",
+            )  # fmt: skip
+        print_table(table)
+    console.print(f"drew {escape(str(path))}")
+
+
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
     console.print(f"[yellow]warning:[/] {escape(str(message))}")
 

@@ -1,0 +1,56 @@
+"""What a DCLS model learned: per-group statistics with known answers, and the kernels plot."""
+
+import json
+
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+import dclsify
+from dclsify import cli
+from dclsify.cli import app
+from dclsify.surgery.kernels import dcls_groups, kernel_stats, plot_kernels
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    monkeypatch.setattr(cli, "console", Console(width=200))
+
+
+def test_group_statistics_have_the_known_answers():
+    model = dclsify.convert("timm:convnext_atto", kernel=11, count=9, num_classes=5)
+    groups = dcls_groups(model)
+    assert [len(members) for members in groups.values()] == [2, 2, 6, 2]  # convnext_atto's stages
+    fresh = kernel_stats(model)
+    assert [g.channels for g in fresh] == [40, 80, 160, 320] and all(g.count == 9 and g.window == 11 for g in fresh)
+    assert all(g.mean_sigma == pytest.approx(0.23 + 0.27) for g in fresh)  # SIG's initial value, plus the floor
+    assert all(0.4 < g.position_spread < 0.6 for g in fresh)  # P ~ N(0, 0.5) at first
+    layer = groups[0][0][1]
+    with torch.no_grad():
+        layer.P.zero_()
+        layer.P[0, :, :, :3] = 5.0  # three of nine elements pushed to the right edge (11 // 2 = 5)
+        layer.P[1, :, :, :3] = 0.0
+        for _, member in groups[0]:
+            member.weight.fill_(-0.5)
+    first = kernel_stats(model)[0]
+    assert first.at_edge == pytest.approx(3 / 9) and first.mean_distance == pytest.approx(5 * 3 / 9)
+    assert first.mean_abs_weight == pytest.approx(0.5) and first.layers == 2
+
+
+def test_kernels_command_draws_and_reports(tmp_path):
+    dcls, dsc = tmp_path / "dcls.safetensors", tmp_path / "dsc.safetensors"
+    dclsify.save(dclsify.convert("timm:convnext_atto", kernel=11, count=9, num_classes=5), dcls)
+    dclsify.save(dclsify.convert("timm:convnext_atto", dcls=False, num_classes=5), dsc)
+    png = tmp_path / "k.png"
+    result = runner.invoke(app, ["kernels", str(dcls), "-o", str(png), "--stats"])
+    assert result.exit_code == 0, result.output
+    assert "mean sigma" in result.output and png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 30_000
+    data = json.loads(runner.invoke(app, ["kernels", str(dcls), "-o", str(png), "--stats", "--json"]).output)
+    assert [g["group"] for g in data] == [0, 1, 2, 3] and data[2]["layers"] == 6
+    refused = runner.invoke(app, ["kernels", str(dsc), "-o", str(tmp_path / "none.png")])
+    assert refused.exit_code == 1 and "no Dcls2d layer" in refused.output and not (tmp_path / "none.png").exists()
+    with pytest.raises(ValueError, match="no Dcls2d layer"):
+        plot_kernels(dclsify.load(dsc), tmp_path / "x.png")
