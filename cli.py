@@ -681,8 +681,10 @@ def eval_command(
     from dclsify.surgery.checkpoint import CheckpointError
 
     _check_device(device)
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise typer.BadParameter("must be fp32, bf16 or fp16", param_hint="--precision")
+    from dclsify.pipeline.recipe import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(f"must be one of {', '.join(PRECISIONS)}", param_hint="--precision")
     with console.status(f"evaluating {checkpoint}"):
         try:
             result = evaluate(checkpoint, data, batch, workers, device, precision, trust_code, audio_dir, labels)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .frontend import INT16_SCALE, LogMel
+from .frontend import LogMel, as_float
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ class Augment(nn.Module):
 
     def waveforms(self, waveforms: Tensor) -> Tensor:
         """Roll and speed perturbation: (batch, samples) int16 or float -> float in [-1, 1]."""
-        x = waveforms.float() / INT16_SCALE if waveforms.dtype == torch.int16 else waveforms.float()
+        x = as_float(waveforms)
         batch, samples = x.shape
         c = self.config
         generator = self._generator_on(x.device)

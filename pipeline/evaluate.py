@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .sources import numbered_classes
+
 
 @dataclass
 class Metrics:
@@ -90,7 +92,7 @@ def metrics(scores, targets, multi_label: bool = True, class_names: list[str] | 
     if not np.isfinite(scores).all():
         raise ValueError(f"{int((~np.isfinite(scores)).sum())} scores are not finite (nan or inf)")
     if class_names is None:
-        class_names = [f"class {i}" for i in range(classes)]
+        class_names = numbered_classes(classes)
     if len(class_names) != classes:
         raise ValueError(f"{len(class_names)} class names for {classes} score columns")
 
@@ -166,7 +168,7 @@ def score_clips(model, loader, frontend, device, precision, multi_label):
             scores.append((torch.sigmoid(logits) if multi_label else logits.softmax(-1)).cpu().numpy()[read])
             targets.append(batch.targets.numpy()[read])
             indices.append(batch.indices.numpy()[read])
-            unreadable += [failure for failure in batch.failures if failure not in unreadable]
+            unreadable += batch.failures
     parts = [(np.concatenate(indices), np.concatenate(scores), np.concatenate(targets), unreadable)] if indices else []
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size()

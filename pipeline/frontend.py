@@ -84,6 +84,11 @@ class AudioConfig:
         return cls(**data)
 
 
+def as_float(waveforms: Tensor) -> Tensor:
+    """Waveforms as float32 in [-1, 1]: int16 scaled by 1/32768, float taken as it is."""
+    return waveforms.float() / INT16_SCALE if waveforms.dtype == torch.int16 else waveforms.float()
+
+
 class LogMel(nn.Module):
     """(batch, samples) int16 or float waveforms -> (batch, 1, n_mels, frames) normalised log-mels.
 
@@ -108,10 +113,7 @@ class LogMel(nn.Module):
     def power(self, waveforms: Tensor) -> Tensor:
         """(batch, samples) -> (batch, n_fft // 2 + 1, frames) linear power spectrogram, float32."""
         with torch.autocast(waveforms.device.type, enabled=False):
-            x = waveforms.float()
-            if waveforms.dtype == torch.int16:
-                x = x / INT16_SCALE
-            return self.spectrogram(x)
+            return self.spectrogram(as_float(waveforms))
 
     def from_power(self, power: Tensor) -> Tensor:
         """Linear power spectrogram -> (batch, 1, n_mels, frames) normalised log-mel, float32."""

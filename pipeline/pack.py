@@ -10,6 +10,7 @@ used are left out and listed, with the reason, in ``OUT.skipped.csv``.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -202,7 +203,7 @@ def pack(
             # fork, as DataLoader's workers: no re-import of torch or of the caller's __main__ per worker
             context = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             pool = multiprocessing.get_context(context).Pool(min(workers, len(todo)), initializer=_quiet_worker)
-            results = pool.imap(_call_decode, ((p, audio) for p in paths), chunksize=8)
+            results = pool.imap(functools.partial(_decode_or_reason, audio=audio), paths, chunksize=8)
         else:
             results = (_decode_or_reason(p, audio) for p in paths)
         last_commit = time.monotonic()
@@ -248,10 +249,6 @@ def pack(
     os.replace(partial, output)
     report.seconds = time.perf_counter() - started
     return report
-
-
-def _call_decode(arguments: tuple[str, AudioConfig]) -> np.ndarray | str:
-    return _decode_or_reason(*arguments)
 
 
 def _write_skip_report(path: Path, skipped: list[tuple[str, str, str]]) -> None:

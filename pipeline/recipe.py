@@ -180,6 +180,12 @@ def _check(recipe: Recipe) -> Recipe:
     return recipe
 
 
+def recipe_from_dict(values: dict, where: str) -> Recipe:
+    """A recipe from nested values (``{"train": {"lr": ...}}``, as a run's config.json records
+    them), checked as a recipe file is; ``where`` names their origin in errors."""
+    return _check(_apply(Recipe(), values, where))
+
+
 def parse_override(text: str) -> tuple[str, object]:
     """``section.key=value`` (or ``key=value`` where only one section has that key) -> (dotted key, value).
     The value is read as TOML (``1e-3``, ``true``, ``[0.9, 0.99]``, ``"x"``), else taken as a string."""

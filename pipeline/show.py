@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .augment import Augment, AugmentConfig
-from .frontend import INT16_SCALE, LogMel
+from .frontend import LogMel, as_float
 from .sources import ClipDataset
 
 
@@ -35,7 +35,7 @@ def show_clip(dataset: ClipDataset, index: int, output: str | os.PathLike, seed:
     everything = AugmentConfig(speed_p=1, erase_p=1, mixup_alpha=0, label_smoothing=0)
     augment = Augment(frontend, everything, seed=seed)
     with torch.no_grad():
-        clean = waveform[None].float() / INT16_SCALE
+        clean = as_float(waveform[None])
         moved = augment.waveforms(waveform[None])
         views = [
             ("as loaded", clean[0], frontend(clean)[0, 0]),

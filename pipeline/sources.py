@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .frontend import AudioConfig
+from .frontend import INT16_SCALE, AudioConfig
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
 MAX_REPLACEMENT_TRIES = 100
@@ -88,7 +88,7 @@ def to_clip(mono: np.ndarray, samples: int) -> np.ndarray:
     """float mono in [-1, 1] -> int16, zero-padded at the end or cut to ``samples``."""
     clip = np.zeros(samples, dtype=np.int16)
     kept = mono[:samples]
-    clip[: len(kept)] = np.clip(np.rint(kept * 32768.0), -32768, 32767)
+    clip[: len(kept)] = np.clip(np.rint(kept * INT16_SCALE), -32768, 32767)
     return clip
 
 
@@ -314,7 +314,7 @@ class HDF5Clips(ClipDataset):
         waveform = handle["waveform"][row]
         target = handle["target"][row].astype(bool)
         if self.rates[i] != self.audio.sample_rate:
-            mono = resample(waveform.astype(np.float32) / 32768.0, self.rates[i], self.audio.sample_rate)
+            mono = resample(waveform.astype(np.float32) / INT16_SCALE, self.rates[i], self.audio.sample_rate)
             return to_clip(mono, self.audio.samples), target
         return fit_length(waveform, self.audio.samples), target
 

@@ -40,7 +40,7 @@ from .augment import Augment
 from .evaluate import autocast, metrics, score_clips
 from .frontend import LogMel
 from .loader import FailureLog, make_loader
-from .recipe import Recipe, RecipeError, load_recipe
+from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
 from .sources import ClipDataset, open_source
 
 RUN_FILES = (
@@ -484,10 +484,8 @@ def _recorded_run(run_dir: Path) -> dict:
 
 
 def _recipe_of(recorded: dict) -> Recipe:
-    from .recipe import _apply, _check
-
     try:
-        return _check(_apply(Recipe(), recorded["recipe"], "config.json"))
+        return recipe_from_dict(recorded["recipe"], "config.json")
     except (RecipeError, KeyError) as error:
         raise TrainError(f"the run's config.json is damaged: {error}") from None
 
