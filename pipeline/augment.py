@@ -12,7 +12,7 @@ run resumes exactly.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -54,15 +54,6 @@ class AugmentConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def off(cls) -> AugmentConfig:
-        """No augmentation at all (what evaluation sees)."""
-        return cls(roll=False, speed_p=0, erase_p=0, mixup_alpha=0, label_smoothing=0)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
 
 def roll(waveforms: Tensor, shifts: Tensor) -> Tensor:

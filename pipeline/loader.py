@@ -103,11 +103,3 @@ class FailureLog:
             if path not in self.failures:
                 self.failures[path] = reason
                 log.warning("clip replaced: %s (%s)", path, reason)
-
-    def summary(self) -> str:
-        if not self.failures:
-            return "no clip had to be replaced"
-        listed = "; ".join(f"{path} ({reason})" for path, reason in list(self.failures.items())[:10])
-        more = f" and {len(self.failures) - 10} more" if len(self.failures) > 10 else ""
-        count = len(self.failures)
-        return f"{count} clips could not be read and were replaced ({self.replacements} times): {listed}{more}"
