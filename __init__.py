@@ -4,6 +4,7 @@ from .surgery.checkpoint import CheckpointError, convert, load, save
 from .surgery.conv import large_kernel_conv2d
 from .surgery.dcls import Dcls2d, LargeKernelConv2d, bake, dcls_kernel
 from .surgery.diff import graph_diff
+from .surgery.importer import import_checkpoint
 from .surgery.rewrite import SurgeryError, rewrite
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "convert",
     "dcls_kernel",
     "graph_diff",
+    "import_checkpoint",
     "large_kernel_conv2d",
     "load",
     "rewrite",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,9 @@ class Family:
     ``replace_stem(model, conv_factory)`` swaps the part of the stem that
     downsamples for ``conv_factory(out_channels, bias)`` and returns the replaced
     module's qualified name; ``stem_bias``, when set, overrides that bias (the
-    DCLS-Audio models give ConvFormer and FastViT a bias-free stem conv).
+    DCLS-Audio models give ConvFormer and FastViT a bias-free stem conv);
+    ``checkpoint_filter_fn(state_dict, model)``, when set, maps a DCLS-Audio checkpoint of
+    the family (the paper's released models) onto the keys of our rewritten model.
     """
 
     name: str
@@ -26,6 +28,7 @@ class Family:
     replace_stem: Callable[[nn.Module, Callable[[int, bool], nn.Conv2d]], str]
     stem_note: str
     stem_bias: bool | None = None
+    checkpoint_filter_fn: Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]] | None = None
 
 
 FAMILIES: dict[str, Family] = {}
