@@ -23,4 +23,13 @@ __all__ = [
     "load",
     "rewrite",
     "save",
+    "Tagger",
 ]
+
+
+def __getattr__(name: str):
+    if name == "Tagger":  # the inference pipeline (torchaudio, soundfile) loads only when asked for
+        from .pipeline.predict import Tagger
+
+        return Tagger
+    raise AttributeError(f"module 'dclsify' has no attribute {name!r}")

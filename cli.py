@@ -349,6 +349,72 @@ def convert_command(
     console.print(f"wrote {path}", markup=False)
 
 
+def _key_patterns(keys: list[str]) -> str:
+    """State-dict keys in short: the tensors of one module in braces, and modules that differ
+    only in their numbers as one pattern with ``*``, e.g. ``stages.*.blocks.*.conv_dw.{weight, P, SIG} (18 each)``."""
+    import re
+
+    by_module: dict[str, list[str]] = {}
+    for key in keys:
+        by_module.setdefault(key.rpartition(".")[0], []).append(key.rpartition(".")[2])
+    patterns: dict[tuple[str, tuple[str, ...]], int] = {}
+    for module, tensors in by_module.items():
+        numbered = sum(1 for other in by_module if re.sub(r"\d+", "*", other) == re.sub(r"\d+", "*", module))
+        pattern = re.sub(r"\d+", "*", module) if numbered > 1 else module
+        patterns[pattern, tuple(tensors)] = patterns.get((pattern, tuple(tensors)), 0) + 1
+    parts = []
+    for (module, tensors), count in patterns.items():
+        names = tensors[0] if len(tensors) == 1 else "{" + ", ".join(tensors) + "}"
+        times = "" if count == 1 else f" ({count}{' each' if len(tensors) > 1 else ''})"
+        parts.append(f"{module}.{names}{times}" if module else f"{names}{times}")
+    return ", ".join(parts)
+
+
+@app.command("import")
+def import_command(
+    checkpoint: Path = typer.Argument(..., help="Weights made elsewhere: .pth, .pt, .bin or .safetensors."),
+    output: Path = typer.Option(..., "-o", "--output", help="The dclsify checkpoint to write (.safetensors)."),
+    model: str | None = typer.Option(
+        None, help="One of the paper's six models (found from the keys when not given), or timm:NAME for timm weights."
+    ),
+    strict: bool = typer.Option(False, "--strict", help="Refuse a file with any tensor that does not fit."),
+    stem: str = typer.Option("adapt", help="timm weights: adapt the RGB stem (sum, resize to 2x16) or init it."),
+    num_classes: int = typer.Option(527, min=1, help="timm weights: classes of the new head."),
+    kernel: int = KERNEL,
+    count: int = COUNT,
+    dcls: bool = DCLS,
+) -> None:
+    """Import foreign weights: the paper's released DCLS-Audio checkpoints, or a timm model's ImageNet weights."""
+    from dclsify.surgery.checkpoint import save
+    from dclsify.surgery.importer import PAPER_MODELS, import_checkpoint
+
+    if model is not None and model.startswith("timm:"):
+        options = dict(stem=stem, num_classes=num_classes, kernel=kernel, count=count, dcls=dcls)
+    else:
+        options = {}  # a paper model is imported as it was released
+    with console.status(f"importing {escape(str(checkpoint))}"):
+        imported = _or_fail(import_checkpoint, checkpoint, model, strict, **options)
+    report = imported.imported
+    described = "" if report.model not in PAPER_MODELS else f" ({PAPER_MODELS[report.model].source})"
+    console.print(f"{checkpoint}: {report.model}{described}", markup=False)
+    console.print(f"loaded {len(report.loaded)} tensors as they are", markup=False)
+    table = Table(**COMPACT)
+    for heading in ("", "why", "tensors"):
+        table.add_column(heading)
+    for what in ("adapted", "dropped", "initialised"):
+        by_reason: dict[str, list[str]] = {}
+        for key, why in getattr(report, what):
+            by_reason.setdefault(why, []).append(key)
+        for why, keys in by_reason.items():
+            table.add_row(what, escape(why), escape(_key_patterns(keys)))
+    for key, why in report.problems:  # each by its name: these are what --strict refuses
+        table.add_row("[red]does not fit[/]", escape(why), escape(key))
+    if table.row_count:
+        print_table(table)
+    _or_fail(save, imported, output, imported.class_names, imported.audio, imported.multi_label)
+    console.print(f"wrote {output}", markup=False)
+
+
 @app.command("diff")
 def diff_command(
     model: str = typer.Argument(..., help="timm:NAME (rewritten with the options), or a dclsify checkpoint."),

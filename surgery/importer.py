@@ -197,9 +197,13 @@ def import_timm_weights(
         rgb = mapped.get(stem_key)
         if stem == "adapt" and rgb is not None and rgb.ndim == 4:
             size = own[stem_key].shape[-2:]
+            # timm's resize of patch-embedding kernels (FlexiViT's pseudo-inverse resize)
             mapped[stem_key] = resample_patch_embed(rgb.sum(1, keepdim=True), list(size), verbose=False)
             how = f"summed over its {rgb.shape[1]} input channels, resized {_by(rgb.shape[-2:])} -> {_by(size)}"
             report.adapted.append((stem_key, how))
+            for key in mapped:
+                if key.startswith(stem_name + ".") and key not in own:
+                    expected_dropped[key] = "the RGB stem's, which the audio stem has not"
         else:  # re-initialised on request, or a whole stem replaced (FastViT's MobileOne stem)
             why = "re-initialised (stem=init)" if stem == "init" else "new: the RGB stem has another form"
             expected_new.update({key: why for key in own if key.startswith(stem_name + ".")})
@@ -270,5 +274,6 @@ def import_checkpoint(
     except SurgeryError as error:
         raise CheckpointError(str(error)) from None
     _check_strict(report, strict)
+    result.dclsify.pretrained = str(path)  # provenance, recorded by save()
     result.imported = report
     return result
