@@ -203,7 +203,7 @@ def import_timm_weights(
             report.adapted.append((stem_key, how))
             for key in mapped:
                 if key.startswith(stem_name + ".") and key not in own:
-                    expected_dropped[key] = "the RGB stem's, which the audio stem has not"
+                    expected_dropped[key] = f"the RGB stem's {key.rpartition('.')[2]}: the audio stem has none"
         else:  # re-initialised on request, or a whole stem replaced (FastViT's MobileOne stem)
             why = "re-initialised (stem=init)" if stem == "init" else "new: the RGB stem has another form"
             expected_new.update({key: why for key in own if key.startswith(stem_name + ".")})
