@@ -1,6 +1,38 @@
 """ConvFormer and CAFormer (timm ``metaformer.py``): the stem conv is replaced, its norm stays."""
 
+from timm.models import metaformer as timm_metaformer
+from torch import nn
+
 from .registry import Family, register, replace_stem_conv
+
+REFERENCE_HEAD_NORM_EPS = 1e-5  # the reference MlpHead's nn.LayerNorm (its default eps); timm's port has 1e-6
+
+
+def checkpoint_filter_fn(state_dict, model):
+    """DCLS-Audio's ConvFormer (the MetaFormer reference code's names: ``downsample_layers.*``,
+    ``stages.S.B``, Linear layers, ``norm``, an MLP ``head``) onto timm's names.
+
+    timm's filter for the reference MetaFormer checkpoints renames every key and gives the
+    Linear weights their 1x1-conv shape; the Dcls2d's ``weight``/``P``/``SIG`` ride along under
+    ``token_mixer.dwconv``, the audio stem's conv under ``stem.conv``. It stops at a key that
+    has no place in the model, so it is given one key at a time, and such a key keeps its
+    name for the import to report.
+
+    One difference is not in the weights: the reference MLP head normalises with eps 1e-5,
+    timm's with 1e-6, which shows where the head's hidden variance is small; ``model``'s head
+    is given the reference's eps.
+    """
+    mapped = {}
+    for key, tensor in state_dict.items():
+        try:
+            mapped.update(timm_metaformer.checkpoint_filter_fn({key: tensor}, model))
+        except KeyError:
+            mapped[key] = tensor
+    head_norm = getattr(model.get_classifier(), "norm", None)
+    if isinstance(head_norm, nn.LayerNorm):
+        head_norm.eps = REFERENCE_HEAD_NORM_EPS
+    return mapped
+
 
 FAMILY = register(
     Family(
@@ -10,5 +42,6 @@ FAMILY = register(
         replace_stem=replace_stem_conv("stem.conv"),
         stem_note="stem.conv replaced (no bias, as DCLS-Audio), stem.norm kept",
         stem_bias=False,
+        checkpoint_filter_fn=checkpoint_filter_fn,
     )
 )
