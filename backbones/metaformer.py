@@ -5,7 +5,15 @@ from torch import nn
 
 from .registry import Family, register, replace_stem_conv
 
-REFERENCE_HEAD_NORM_EPS = 1e-5  # the reference MlpHead's nn.LayerNorm (its default eps); timm's port has 1e-6
+DCLS_AUDIO_HEAD_NORM_EPS = 1e-5  # DCLS-Audio's MLP head has nn.LayerNorm's default eps; timm's port 1e-6
+
+
+def audio_head(model: nn.Module) -> None:
+    """Give the MLP head's norm DCLS-Audio's eps, which shows where the head's hidden
+    variance is small: the audio model computes as theirs, saved and loaded alike."""
+    head_norm = getattr(model.get_classifier(), "norm", None)
+    if isinstance(head_norm, nn.LayerNorm):
+        head_norm.eps = DCLS_AUDIO_HEAD_NORM_EPS
 
 
 def checkpoint_filter_fn(state_dict, model):
@@ -17,10 +25,6 @@ def checkpoint_filter_fn(state_dict, model):
     ``token_mixer.dwconv``, the audio stem's conv under ``stem.conv``. It stops at a key that
     has no place in the model, so it is given one key at a time, and such a key keeps its
     name for the import to report.
-
-    One difference is not in the weights: the reference MLP head normalises with eps 1e-5,
-    timm's with 1e-6, which shows where the head's hidden variance is small; ``model``'s head
-    is given the reference's eps.
     """
     mapped = {}
     for key, tensor in state_dict.items():
@@ -28,9 +32,6 @@ def checkpoint_filter_fn(state_dict, model):
             mapped.update(timm_metaformer.checkpoint_filter_fn({key: tensor}, model))
         except KeyError:
             mapped[key] = tensor
-    head_norm = getattr(model.get_classifier(), "norm", None)
-    if isinstance(head_norm, nn.LayerNorm):
-        head_norm.eps = REFERENCE_HEAD_NORM_EPS
     return mapped
 
 
@@ -43,5 +44,6 @@ FAMILY = register(
         stem_note="stem.conv replaced (no bias, as DCLS-Audio), stem.norm kept",
         stem_bias=False,
         checkpoint_filter_fn=checkpoint_filter_fn,
+        audio_head=audio_head,
     )
 )

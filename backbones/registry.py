@@ -19,7 +19,9 @@ class Family:
     module's qualified name; ``stem_bias``, when set, overrides that bias (the
     DCLS-Audio models give ConvFormer and FastViT a bias-free stem conv);
     ``checkpoint_filter_fn(state_dict, model)``, when set, maps a DCLS-Audio checkpoint of
-    the family (the paper's released models) onto the keys of our rewritten model.
+    the family (the paper's released models) onto the keys of our rewritten model;
+    ``audio_head(model)``, when set, gives the head of a model with the audio stem what
+    DCLS-Audio's head of the family computes differently from timm's.
     """
 
     name: str
@@ -29,6 +31,7 @@ class Family:
     stem_note: str
     stem_bias: bool | None = None
     checkpoint_filter_fn: Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]] | None = None
+    audio_head: Callable[[nn.Module], None] | None = None
 
 
 FAMILIES: dict[str, Family] = {}

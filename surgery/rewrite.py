@@ -413,6 +413,8 @@ def rewrite(
                     "and set its head yourself"
                 )
             model.reset_classifier(num_classes)
+        if geometry is not None and family is not None and family.audio_head is not None:
+            family.audio_head(model)
         if dcls:
             _replace_depthwise(model, config, matcher, report)
     _describe_input(model, config)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from dcls_audio import check_layout
 from torch import nn
 
+import dclsify
 from dclsify import CheckpointError, Dcls2d, import_checkpoint
 
 DEPTHS, DIMS = (3, 3, 9, 3), (64, 128, 320, 512)
@@ -203,6 +204,12 @@ def test_released_layout_imports_with_the_reference_logits(dcls, name, tmp_path)
         expected, got = reference(x), model(x)
     assert expected.abs().max() > 1  # logits that carry the weights, not a constant
     assert (got - expected).abs().max() <= 1e-4
+
+
+def test_the_audio_convformer_head_norms_as_dcls_audio():
+    # set by the rewrite, so that a saved and loaded model (rebuilt by the rewrite) keeps it
+    assert dclsify.convert("timm:convformer_s18", num_classes=5).get_classifier().norm.eps == 1e-5
+    assert dclsify.convert("timm:convformer_s18", num_classes=5, stem=None).get_classifier().norm.eps == 1e-6
 
 
 def test_gauss_layer_is_dcls_reference():
