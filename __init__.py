@@ -4,6 +4,7 @@ from .surgery.checkpoint import CheckpointError, convert, load, save
 from .surgery.conv import large_kernel_conv2d
 from .surgery.dcls import Dcls2d, LargeKernelConv2d, bake, dcls_kernel
 from .surgery.diff import graph_diff
+from .surgery.export import ExportError, export
 from .surgery.importer import import_checkpoint
 from .surgery.rewrite import SurgeryError, rewrite
 
@@ -11,12 +12,14 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "Dcls2d",
+    "ExportError",
     "LargeKernelConv2d",
     "SurgeryError",
     "__version__",
     "bake",
     "convert",
     "dcls_kernel",
+    "export",
     "graph_diff",
     "import_checkpoint",
     "large_kernel_conv2d",

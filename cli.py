@@ -866,6 +866,46 @@ def predict_command(
         fail("no sound could be read")
 
 
+@app.command("export")
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="A dclsify checkpoint (e.g. a run's best.safetensors)."),
+    output: Path = typer.Option(..., "-o", "--output", help="The file to write."),
+    format: str = typer.Option(
+        "dense", "--format", help="dense (a dclsify checkpoint of fixed kernels), onnx or torchscript."
+    ),
+    with_frontend: bool = typer.Option(
+        False,
+        "--with-frontend",
+        help="onnx/torchscript: include the log-mel front-end, so that the model takes (batch, samples) float "
+        "waveforms in [-1, 1] at the checkpoint's rate and clip length.",
+    ),
+    trust_code: bool = TRUST_CODE,
+) -> None:
+    """Bake every Dcls2d into a fixed kernel and write the model as a dense checkpoint, ONNX or TorchScript,
+    checked against the original on random input."""
+    from dclsify.surgery.checkpoint import CheckpointError
+    from dclsify.surgery.export import FORMATS, TOLERANCE, ExportError, export
+
+    if format not in FORMATS:
+        raise typer.BadParameter("must be dense, onnx or torchscript", param_hint="--format")
+    with console.status(f"exporting {escape(str(checkpoint))} to {format}"):
+        try:
+            report = export(checkpoint, output, format, with_frontend, trust_code)
+        except (CheckpointError, ExportError) as error:
+            fail(str(error))
+        except OSError as error:
+            fail(f"cannot write {output}: {error.strerror or error}")
+    kind = {"dense": "a dense dclsify checkpoint", "onnx": f"ONNX, opset {report.opset}", "torchscript": "TorchScript"}
+    console.print(f"wrote {report.path} ({kind[report.format]})", markup=False)
+    shape = ", ".join(map(str, report.input_shape))
+    console.print(f"input: {report.input_name} ({shape}): {report.input_description}", markup=False)
+    console.print(f"output: logits ({', '.join(map(str, report.output_shape))})", markup=False)
+    console.print(
+        f"max abs diff of the logits against the original model: {report.max_abs_diff:.2e} (at most {TOLERANCE:.0e})",
+        markup=False,
+    )
+
+
 @app.command("kernels")
 def kernels_command(
     checkpoint: Path = typer.Argument(..., help="A dclsify checkpoint with Dcls2d layers."),

@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from .dcls import LargeKernelConv2d
+from .dcls import Dcls2d, LargeKernelConv2d, bake
 from .rewrite import RewriteConfig, SurgeryError, rewrite
 
 FORMAT = "dclsify"
@@ -36,6 +36,7 @@ METADATA_KEYS = (
 JSON_METADATA = ("model_kwargs", "rewrite", "class_names", "pretrained")
 AUDIO_KEY = "audio"  # the front-end settings a trained model hears with; absent from untrained checkpoints
 MULTI_LABEL_KEY = "multi_label"  # sigmoid (true) or softmax (false) scores; absent from untrained checkpoints
+BAKED_KEY = "baked"  # "true": every Dcls2d is stored as its built kernel (dclsify.bake); absent otherwise
 
 # The timm model arguments a checkpoint may record: what shapes the architecture (generic
 # timm arguments, then those of the registered families' classes). Everything else is
@@ -293,6 +294,9 @@ def save(
 ) -> Path:
     """Write ``model`` (made by :func:`convert`) to a ``.safetensors`` file that :func:`load` can rebuild.
 
+    ``model`` is trainable, or baked (:func:`~dclsify.surgery.dcls.bake`: every ``Dcls2d`` a
+    fixed kernel; the checkpoint is then a *dense* one, without positions and spreads, that
+    :func:`load` rebuilds baked); a model with some layers baked and others not is refused.
     Parameters shared between layers (synchronised ``P``/``SIG``) are stored once. The
     write goes through a temporary file: an interrupted save never leaves a partial
     file under ``path``. ``class_names``, when given, name the head's outputs; ``audio``
@@ -307,8 +311,9 @@ def save(
     report = getattr(model, "dclsify", None)
     if report is None or getattr(report, "source", None) is None:
         raise CheckpointError("save() needs a model made by dclsify.convert(), which knows its source")
-    if any(isinstance(m, LargeKernelConv2d) for m in model.modules()):
-        raise CheckpointError("save() takes the trainable model, not a baked one: bake() again after load()")
+    baked = any(isinstance(m, LargeKernelConv2d) for m in model.modules())
+    if baked and any(isinstance(m, Dcls2d) for m in model.modules()):
+        raise CheckpointError("save() takes a model with every Dcls2d baked (dclsify.bake) or none: this one is mixed")
     _check_class_names(class_names, _head_size(model))
     metadata = {
         "format": FORMAT,
@@ -325,6 +330,8 @@ def save(
         metadata[AUDIO_KEY] = audio.to_json()
     if multi_label is not None:
         metadata[MULTI_LABEL_KEY] = json.dumps(bool(multi_label))
+    if baked:
+        metadata[BAKED_KEY] = "true"
     with atomic_path(path) as temporary:
         save_model(model, str(temporary), metadata=metadata)
     return Path(path)
@@ -357,7 +364,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
             f"{path} was written by dclsify {written_by}, newer than this dclsify {__version__}: upgrade to load it"
         )
     # besides ours, safetensors records each shared tensor's other names: name -> stored name
-    known = (*METADATA_KEYS, AUDIO_KEY, MULTI_LABEL_KEY)
+    known = (*METADATA_KEYS, AUDIO_KEY, MULTI_LABEL_KEY, BAKED_KEY)
     unknown = [key for key, value in raw.items() if key not in known and value not in tensor_names]
     missing = [key for key in METADATA_KEYS if key not in raw]
     if unknown or missing:
@@ -373,6 +380,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
     decoded[MULTI_LABEL_KEY] = {None: None, "true": True, "false": False}.get(raw.get(MULTI_LABEL_KEY), "bad")
     if decoded[MULTI_LABEL_KEY] == "bad":
         raise CheckpointError(f"{path}: damaged dclsify metadata: 'multi_label' must be true or false")
+    if raw.get(BAKED_KEY, "true") != "true":
+        raise CheckpointError(f"{path}: damaged dclsify metadata: 'baked' must be true where present")
+    decoded[BAKED_KEY] = BAKED_KEY in raw
     source, pretrained = decoded["source"], decoded["pretrained"]
     if not source.startswith(("timm:", "file:")):
         raise CheckpointError(f"{path}: metadata 'source' must be timm:NAME or file:PATH.py:FACTORY, got {source!r}")
@@ -410,8 +420,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", trust_code
 
     The metadata is checked (:func:`read_metadata`) before anything is built. A timm
     source is rebuilt freely; a ``file:PATH.py:FACTORY`` source runs that file, so it is
-    refused unless ``trust_code=True`` (:func:`require_trust`). Every tensor the model
-    needs must be in the file, of its dtype and shape, and no other.
+    refused unless ``trust_code=True`` (:func:`require_trust`). A dense checkpoint (saved
+    from a baked model) is rebuilt baked. Every tensor the model needs must be in the file,
+    of its dtype and shape, and no other.
     """
     metadata = read_metadata(path)
     require_trust(metadata["source"], trust_code, path)
@@ -428,6 +439,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", trust_code
         _check_class_names(metadata["class_names"], _head_size(model))
     except CheckpointError as error:
         raise CheckpointError(f"{path}: metadata: {error}") from None
+    if metadata[BAKED_KEY]:
+        model = bake(model)  # the layers of a dense checkpoint: their kernels come from the file
     weights = _read_safetensors(Path(path))  # whatever its suffix: read_metadata found a safetensors file
     _check_weights(path, weights, model)
     model.load_state_dict(weights, strict=False)  # what strict would call missing: aliases of a stored tensor

@@ -1,5 +1,6 @@
 """Self-describing safetensors checkpoints: round trips, shared tensors, atomic writes, bad files."""
 
+import copy
 import json
 import os
 
@@ -132,14 +133,23 @@ def test_starting_from_local_pretrained_weights(tmp_path):
         convert("timm:convnext_atto", pretrained=tmp_path / "missing.pth")
 
 
-def test_baked_models_are_refused(model, tmp_path):
-    from dclsify import bake
+def test_baked_models_load_baked_and_mixed_ones_are_refused(model, tmp_path):
+    from dclsify import LargeKernelConv2d, bake
 
-    with pytest.raises(CheckpointError, match="not a baked one"):
-        save(bake(model), tmp_path / "baked.safetensors")
+    path = save(bake(model), tmp_path / "dense" / "baked.safetensors")
+    dense = load(path)
+    assert checkpoint.read_metadata(path)["baked"] and not any(isinstance(m, Dcls2d) for m in dense.modules())
+    assert sum(isinstance(m, LargeKernelConv2d) for m in dense.modules()) == 12
+    x = torch.randn(2, 1, 128, 1001)
+    with torch.no_grad():
+        torch.testing.assert_close(dense.eval()(x), model.eval()(x), rtol=0, atol=1e-5)
+    mixed = copy.deepcopy(model)
+    mixed.stages[0].blocks[0].conv_dw = mixed.stages[0].blocks[0].conv_dw.bake()
+    with pytest.raises(CheckpointError, match="every Dcls2d baked .* or none: this one is mixed"):
+        save(mixed, tmp_path / "mixed.safetensors")
     with pytest.raises(CheckpointError, match="class_names holds 2 names for a head of 5 classes"):
         save(model, tmp_path / "named.safetensors", class_names=["a", "b"])
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["dense"]
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +207,8 @@ DAMAGED = {
         "damaged dclsify metadata: missing keys ['model_kwargs']",
     ),
     "metadata key unknown": (with_metadata(hook="x"), "damaged dclsify metadata: unknown keys ['hook']"),
+    "baked not true": (with_metadata(baked="yes"), "damaged dclsify metadata: 'baked' must be true where present"),
+    "baked, but positions stored": (with_metadata(baked="true"), "8 not in the model: stages.0.blocks.0.conv_dw.P;"),
     "source not a source": (with_metadata(source="hub:atto"), "'source' must be timm:NAME or file:PATH.py:FACTORY"),
     "unknown timm model": (with_metadata(source="timm:convnext_nano_x"), "cannot be built: unknown timm model"),
     "model_kwargs timm cannot build": (with_metadata(model_kwargs='{"dims": [8]}'), "cannot be built (IndexError"),
