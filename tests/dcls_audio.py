@@ -60,3 +60,26 @@ def random_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
         else:
             state_dict[e.key] = torch.randn(e.shape, generator=generator) * 0.1
     return state_dict
+
+
+def check_exports(model, reference, directory) -> None:
+    """Import -> export (dense, and ONNX where onnxruntime is installed) -> the logits of the
+    reference implementation of the authors' model, within 1e-4, on a whole 10-s log-mel."""
+    import dclsify
+
+    x = torch.randn(2, 1, 128, 1001, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = reference(x)
+    dclsify.export(model, directory / "dense.safetensors", "dense")
+    dense = dclsify.load(directory / "dense.safetensors").eval()
+    assert not any(isinstance(m, dclsify.Dcls2d) for m in dense.modules())
+    with torch.no_grad():
+        assert (dense(x) - expected).abs().max() <= 1e-4
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    dclsify.export(model, directory / "model.onnx", "onnx")
+    session = onnxruntime.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"log_mel": x.numpy()})
+    assert abs(torch.from_numpy(logits) - expected).max() <= 1e-4

@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from dcls_audio import check_layout, random_state_dict
+from dcls_audio import check_exports, check_layout, random_state_dict
 from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
@@ -140,6 +140,8 @@ def test_paper_convnext_checkpoint_imports_with_the_same_logits(tmp_path, dcls):
         expected, got = reference(x), model(x)
     assert expected.abs().max() > 1  # logits of a size that would show a wrong term
     assert (got - expected).abs().max() <= 1e-4
+    if dcls:
+        check_exports(model, reference, tmp_path)
 
 
 def test_import_writes_a_checkpoint_with_the_weights_and_settings(tmp_path):

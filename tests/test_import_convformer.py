@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from dcls_audio import check_layout
+from dcls_audio import check_exports, check_layout
 from torch import nn
 
 import dclsify
@@ -204,6 +204,8 @@ def test_released_layout_imports_with_the_reference_logits(dcls, name, tmp_path)
         expected, got = reference(x), model(x)
     assert expected.abs().max() > 1  # logits that carry the weights, not a constant
     assert (got - expected).abs().max() <= 1e-4
+    if dcls:
+        check_exports(model, reference, tmp_path)
 
 
 def test_the_audio_convformer_head_norms_as_dcls_audio():

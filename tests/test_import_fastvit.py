@@ -21,7 +21,7 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
-from dcls_audio import check_layout, random_state_dict
+from dcls_audio import check_exports, check_layout, random_state_dict
 from timm.utils import reparameterize_model
 from torch import nn
 
@@ -393,6 +393,12 @@ def test_import_gives_the_reference_logits(reference, expected, imported, spectr
     assert expected.std() > 1  # logits that vary, not a near-constant
     with torch.no_grad():
         assert (imported(spectrogram) - expected).abs().max() <= 1e-4
+
+
+def test_import_then_export_gives_the_reference_logits(reference, imported, tmp_path):
+    if not any(isinstance(m, dclsify.Dcls2d) for m in imported.modules()):
+        pytest.skip("the DSC model has nothing to bake: its export is the DCLS model's, less the baking")
+    check_exports(imported, reference, tmp_path)
 
 
 def test_inference_forms_agree(reference, expected, imported, spectrogram):
