@@ -190,45 +190,84 @@ def bench(
 
 @app.command("bench-model")
 def bench_model_command(
-    model: str = typer.Option("timm:convnext_tiny", help="timm:NAME of the backbone."),
-    batch: int = typer.Option(4, min=1),
-    repeats: int = typer.Option(3, min=1, help="Timed steps per measurement (the median is kept)."),
+    models: str = typer.Option(
+        "convnext_tiny,convformer_s18,fastvit_sa24",
+        help="timm models, comma-separated (timm:NAME or NAME). Default: the paper's Table 1, "
+        "convnext_tiny, convformer_s18, fastvit_sa24.",
+        show_default=False,
+    ),
+    batch: int | None = typer.Option(None, min=1, help="Clips per step (default: 4 on the CPU, 64 on CUDA)."),
+    repeats: int | None = typer.Option(
+        None,
+        min=1,
+        help="Timed repetitions of each step, for the median and spread (default: 5 on the CPU, 10 on CUDA).",
+    ),
+    warmup: int | None = typer.Option(
+        None, min=0, help="Untimed calls of each step first (default: 1 on the CPU, 5 on CUDA)."
+    ),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
-    bf16: bool = typer.Option(False, "--bf16", help="Run under bfloat16 autocast."),
+    dtype: str = typer.Option("fp32", help="Autocast precision: fp32, bf16 or fp16 (CUDA only)."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the results to this JSON file."),
 ) -> None:
-    """Throughput of a DCLS audio model against its DSC twin: inference (baked kernels) and training steps."""
-    import torch
-
-    from dclsify.surgery.bench import bench_model
+    """Table 1: parameters, GFLOPs and throughput (training step, baked and un-baked inference) of DCLS
+    audio models against their DSC twins."""
+    from dclsify.surgery.bench import DTYPES, bench_models
 
     _check_device(device)
+    if dtype not in DTYPES:
+        fail(f"unknown --dtype {dtype!r}: use {', '.join(DTYPES)}")
+    if dtype == "fp16" and not device.startswith("cuda"):
+        fail("--dtype fp16 is for CUDA devices: use bf16 or fp32 on the CPU")
+    names = [name.strip() for name in models.split(",")]
+    if not all(names):
+        fail(f"--models {models!r} has an empty name: give timm names separated by commas")
     with console.status("measuring") as status:
         result = _or_fail(
-            bench_model,
-            model,
-            batch,
-            repeats,
-            device,
-            torch.bfloat16 if bf16 else None,
+            bench_models,
+            names,
+            batch=batch,
+            warmup=warmup,
+            repeats=repeats,
+            device=device,
+            dtype=dtype,
             progress=lambda what: status.update(f"measuring {what}"),
         )
-    precision = result.autocast or "fp32"
+    s = result.setup
+    threads = f", {s['threads']} threads" if s["cuda"] is None else f", CUDA {s['cuda']}"
+    console.print(f"{s['device']}: {s['device_name']}{threads}", markup=False)
+    console.print(f"torch {s['torch']}, timm {s['timm']}, dclsify {s['dclsify']}, Python {s['python']}", markup=False)
     console.print(
-        f"{model}, audio stem, 527 classes: batch {batch} of (1, 128, 1001), {device}, {precision}", markup=False
+        f"batch {s['batch']} of {'x'.join(map(str, s['input_shape']))}, {s['dtype']}, 527 classes; "
+        f"warm-up {s['warmup']}, {s['repeats']} repetitions of {s['steps_per_repeat']} step(s)",
+        markup=False,
     )
-    table = Table(**COMPACT)
-    for heading in ("samples/s", "DSC (7x7)", "DCLS (23x23/26)", "DCLS / DSC"):
-        table.add_column(heading, justify="right")
-    table.add_row(
-        "inference (baked)",
-        f"{result.dsc_inference:.2f}",
-        f"{result.dcls_inference:.2f}",
-        f"{result.inference_ratio:.2f}",
+    table = Table(
+        caption="samples/s: median of the repetitions ± half their range. DCLS: 23x23 kernels of 26 elements; "
+        "un-baked: kernels built every call, ratio against the DSC inference. Parameters: shared ones counted "
+        "once. GFLOPs per clip: 2 x multiply-accumulates of convolutions and matrix products "
+        "(torch.utils.flop_counter), DCLS as its baked 23x23 depthwise conv computed directly.",
+        caption_justify="left",
+        **COMPACT,
     )
-    table.add_row(
-        "training step", f"{result.dsc_training:.2f}", f"{result.dcls_training:.2f}", f"{result.training_ratio:.2f}"
-    )
+    for heading in ("model", "", "M params", "GFLOPs", "training", "inference", "un-baked inference"):
+        table.add_column(heading, justify="left" if heading in ("model", "") else "right")
+
+    def rate(variant, kind: str) -> str:
+        throughput = variant.throughput.get(kind)
+        return "-" if throughput is None else f"{throughput.median:.2f}±{throughput.spread:.0%}"
+
+    for r in result.models:
+        for label, v in (("DSC", r.dsc), ("DCLS", r.dcls)):
+            name = r.model if label == "DSC" else ""
+            cells = (rate(v, "training"), rate(v, "inference"), rate(v, "inference_unbaked"))
+            table.add_row(name, label, f"{v.params / 1e6:.2f}", f"{v.gflops:.2f}", *cells)
+        q = r.ratios
+        table.add_row(
+            "",
+            "DCLS/DSC",
+            *(f"{q[k]:.2f}" for k in ("params", "gflops", "training", "inference", "inference_unbaked")),
+            end_section=True,
+        )
     print_table(table)
     if json_path is not None:
         write_atomically(json_path, json.dumps(result.as_dict(), indent=2) + "\n")

@@ -1,20 +1,27 @@
-"""Operator benchmark: our Dcls2d against the reference ``DCLS`` package and a dense 7x7 conv."""
+"""Benchmarks: our Dcls2d operator against the reference ``DCLS`` package and a dense 7x7 conv
+(:func:`bench_op`), and whole DCLS models against their DSC twins (:func:`bench_models`, the
+paper's Table 1)."""
 
 from __future__ import annotations
 
+import copy
 import logging
+import platform
+import statistics
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 
 from .conv import chosen_algorithms
-from .dcls import Dcls2d
+from .dcls import Dcls2d, LargeKernelConv2d
 
 # The four stage shapes of ConvNeXt-T on a (1, 128, 1001) log-mel input with the 2x16 stem.
 PAPER_SHAPES = ((96, 64, 62), (192, 32, 31), (384, 16, 15), (768, 8, 7))
@@ -187,94 +194,331 @@ def bench_op(
     return results
 
 
+# -- whole models: the paper's Table 1 ---------------------------------------------------------
+
+PAPER_MODELS = ("convnext_tiny", "convformer_s18", "fastvit_sa24")
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
+# per device type: clips per batch, warm-up calls and timed repetitions of each step, steps per repetition
+# (on a GPU several, so that a repetition's synchronisation does not stall the queue after every step)
+MODEL_BENCH_DEFAULTS = {
+    "cpu": dict(batch=4, warmup=1, repeats=5, steps_per_repeat=1),
+    "cuda": dict(batch=64, warmup=5, repeats=10, steps_per_repeat=5),
+}
+
+
 @dataclass
-class ModelResult:
-    """Throughput (samples/s) of a model's DSC baseline and its DCLS rewrite."""
+class Throughput:
+    """Samples/s of one kind of step, one figure per timed repetition."""
 
-    model: str
-    batch: int
-    device: str
-    autocast: str | None
-    dsc_inference: float
-    dcls_inference: float
-    dsc_training: float
-    dcls_training: float
+    samples: list[float]
 
     @property
-    def inference_ratio(self) -> float:
-        return self.dcls_inference / self.dsc_inference
+    def median(self) -> float:
+        return statistics.median(self.samples)
 
     @property
-    def training_ratio(self) -> float:
-        return self.dcls_training / self.dsc_training
+    def spread(self) -> float:
+        """Half the min-max range, as a fraction of the median."""
+        return (max(self.samples) - min(self.samples)) / 2 / self.median
 
     def as_dict(self) -> dict:
-        return asdict(self) | {"inference_ratio": self.inference_ratio, "training_ratio": self.training_ratio}
+        return {"median": self.median, "min": min(self.samples), "max": max(self.samples), "samples": self.samples}
 
 
-def _samples_per_second(step: Callable[[], object], batch: int, repeats: int, device: torch.device) -> float:
-    """Median throughput over ``repeats`` timed calls, after one warm-up call."""
-    times = sorted(_timings(step, repeats, device))
-    return batch / times[len(times) // 2]
+@dataclass
+class Variant:
+    """One model of a pair: parameters, GFLOPs per clip (:func:`count_flops`) and throughputs:
+    ``training``, ``inference`` (baked kernels) and, for DCLS, ``inference_unbaked`` (kernels built every call)."""
+
+    params: int
+    gflops: float
+    throughput: dict[str, Throughput]
+
+    def as_dict(self) -> dict:
+        return {"params": self.params, "gflops": self.gflops} | {k: t.as_dict() for k, t in self.throughput.items()}
 
 
-def _inference_step(model: torch.nn.Module, x: torch.Tensor, autocast: torch.dtype | None):
+@dataclass
+class ModelResult:
+    """A timm model's DSC twin (its own depthwise convs) and its DCLS rewrite, measured in one process."""
+
+    model: str
+    dsc: Variant
+    dcls: Variant
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        """DCLS / DSC of each figure (of the medians); un-baked inference against the DSC's inference,
+        as the DSC model has no kernels to build."""
+        dsc, dcls = self.dsc.throughput, self.dcls.throughput
+        return {
+            "params": self.dcls.params / self.dsc.params,
+            "gflops": self.dcls.gflops / self.dsc.gflops,
+            "training": dcls["training"].median / dsc["training"].median,
+            "inference": dcls["inference"].median / dsc["inference"].median,
+            "inference_unbaked": dcls["inference_unbaked"].median / dsc["inference"].median,
+        }
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "dsc": self.dsc.as_dict(), "dcls": self.dcls.as_dict(), "ratio": self.ratios}
+
+
+@dataclass
+class ModelBench:
+    """What :func:`bench_models` measured, and on what (``setup``: device, versions, batch, dtype...)."""
+
+    setup: dict
+    models: list[ModelResult]
+
+    def as_dict(self) -> dict:
+        return {"setup": self.setup, "models": [m.as_dict() for m in self.models]}
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Parameters of ``model``, one shared by several layers (DCLS positions and spreads) counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _plain_conv(conv: Dcls2d | LargeKernelConv2d) -> torch.nn.Conv2d:
+    kernel_size = conv.dilated_kernel_size if isinstance(conv, Dcls2d) else conv.kernel_size
+    return torch.nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        kernel_size,
+        conv.stride,
+        conv.padding,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        device="meta",
+    )
+
+
+def count_flops(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward pass of ``model`` in eval mode on an input of ``input_shape``, as
+    ``torch.utils.flop_counter`` counts them: 2 x the multiply-accumulates of convolutions and
+    matrix products (norms, activations and element-wise ops are not counted).
+
+    A :class:`Dcls2d` (or a baked one) counts as the dense convolution it bakes to, computed
+    directly: every tap of its window at every output, taps over the zero padding included, as
+    torch counts any convolution. Nothing is computed: the model runs on the meta device.
+    """
+    model = copy.deepcopy(model).to("meta").eval()
+    if isinstance(model, (Dcls2d, LargeKernelConv2d)):
+        model = _plain_conv(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (Dcls2d, LargeKernelConv2d)):
+            model.set_submodule(name, _plain_conv(module))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.empty(input_shape, device="meta"))
+    return counter.get_total_flops()
+
+
+def _autocast(device: torch.device, dtype: str):
+    return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=DTYPES[dtype] is not None)
+
+
+def _inference_step(model: torch.nn.Module, x: torch.Tensor, dtype: str) -> Callable[[], None]:
     def step() -> None:
-        with torch.inference_mode(), torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+        with torch.inference_mode(), _autocast(x.device, dtype):
             model(x)
 
     return step
 
 
-def _training_step(model: torch.nn.Module, x: torch.Tensor, autocast: torch.dtype | None):
+def _training_step(model: torch.nn.Module, x: torch.Tensor, dtype: str) -> Callable[[], None]:
+    """One step as the trainer takes it: forward under autocast, BCE, backward (through a gradient
+    scaler in fp16), AdamW, then the DCLS positions clamped to their window."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(x.device.type) if dtype == "fp16" else None
     layers = [m for m in model.modules() if isinstance(m, Dcls2d)]
+    targets = None
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+        nonlocal targets
+        with _autocast(x.device, dtype):
             logits = model(x).float()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
-        loss.backward()
-        optimizer.step()
+        if targets is None:
+            targets = (torch.rand_like(logits) < 0.01).float()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
         for layer in layers:
             layer.clamp_parameters()
 
     return step
 
 
+def _throughputs(
+    steps: dict[str, Callable[[], None]],
+    batch: int,
+    warmup: int,
+    repeats: int,
+    calls: int,
+    device: torch.device,
+    progress: Callable[[str], None],
+) -> dict[str, Throughput]:
+    """Samples/s of each step: ``warmup`` calls each, then ``repeats`` rounds that time ``calls``
+    back-to-back calls of every step in turn (interleaved, so that a change of machine load
+    touches all alike), waiting for the device before and after."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for name, step in steps.items():
+        progress(f"warm-up, {name}")
+        for _ in range(warmup):
+            step()
+    samples = {name: [] for name in steps}
+    for round_ in range(repeats):
+        for name, step in steps.items():
+            progress(f"repetition {round_ + 1}/{repeats}, {name}")
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                step()
+            sync()
+            samples[name].append(batch * calls / (time.perf_counter() - start))
+    return {name: Throughput(values) for name, values in samples.items()}
+
+
 def bench_model(
-    source: str = "timm:convnext_tiny",
-    batch: int = 4,
-    repeats: int = 3,
+    name: str,
+    batch: int,
+    warmup: int,
+    repeats: int,
+    steps_per_repeat: int = 1,
     device: str = "cpu",
-    autocast: torch.dtype | None = None,
+    dtype: str = "fp32",
     input_size: tuple[int, int] = (128, 1001),
     progress: Callable[[str], None] | None = None,
 ) -> ModelResult:
-    """Inference (DCLS kernels baked) and training-step (forward, backward, AdamW, clamp)
-    throughput of a DCLS audio model and its DSC twin, on (batch, 1, *input_size) inputs."""
-    from .checkpoint import create_source
+    """Parameters, GFLOPs per clip and throughput of a timm model's DCLS audio rewrite and its DSC
+    twin (``dcls=False``: the same stem and head, its own depthwise convs), 527 classes, on
+    (batch, 1, *input_size) inputs under ``dtype`` autocast.
+
+    Throughputs (:func:`_throughputs`): a training step (forward, BCE, backward, AdamW, clamp),
+    inference with baked kernels (:func:`dclsify.bake`) and, for DCLS, inference building the
+    kernels every call, as evaluation during training does.
+    """
+    from .checkpoint import create_source, timm_name
     from .dcls import bake
     from .rewrite import rewrite
 
+    progress = progress or (lambda what: None)
     device_ = torch.device(device)
-    original = create_source(source)
-    models = {
-        "dsc": rewrite(original, num_classes=527, dcls=False).to(device_),
-        "dcls": rewrite(original, num_classes=527).to(device_),
-    }
+    progress("building")
+    torch.manual_seed(0)
+    original = create_source(timm_name(name))
+    dsc, dcls = rewrite(original, num_classes=527, dcls=False), rewrite(original, num_classes=527)
+    del original
+    progress("counting FLOPs")
+    shape = (1, 1, *input_size)
+    counts = {k: (count_parameters(m), count_flops(m, shape) / 1e9) for k, m in (("dsc", dsc), ("dcls", dcls))}
+    dsc, dcls = dsc.to(device_), dcls.to(device_)
     x = torch.randn(batch, 1, *input_size, device=device_)
-    measured = {}
-    for name, model in models.items():
-        if progress:
-            progress(f"{name} inference")
-        measured[f"{name}_inference"] = _samples_per_second(
-            _inference_step(bake(model).eval(), x, autocast), batch, repeats, device_
+    timed = {
+        "DSC training": _training_step(dsc.train(), x, dtype),
+        "DCLS training": _training_step(dcls.train(), x, dtype),
+        "DSC inference": _inference_step(bake(dsc).eval(), x, dtype),
+        "DCLS inference": _inference_step(bake(dcls).eval(), x, dtype),
+        "DCLS un-baked inference": _inference_step(copy.deepcopy(dcls).eval(), x, dtype),
+    }
+    measured = _throughputs(timed, batch, warmup, repeats, steps_per_repeat, device_, progress)
+    dsc_result = Variant(*counts["dsc"], {"training": measured["DSC training"], "inference": measured["DSC inference"]})
+    dcls_result = Variant(
+        *counts["dcls"],
+        {
+            "training": measured["DCLS training"],
+            "inference": measured["DCLS inference"],
+            "inference_unbaked": measured["DCLS un-baked inference"],
+        },
+    )
+    return ModelResult(name, dsc_result, dcls_result)
+
+
+def _processor_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str) -> dict:
+    """The machine and libraries a benchmark ran on: device name, CPU threads, versions."""
+    import timm
+
+    from dclsify import __version__
+
+    device_ = torch.device(device)
+    gpu = device_.type == "cuda"
+    return {
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device_) if gpu else _processor_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if gpu else None,
+        "timm": timm.__version__,
+        "dclsify": __version__,
+        "python": platform.python_version(),
+    }
+
+
+def bench_models(
+    models: Sequence[str] = PAPER_MODELS,
+    batch: int | None = None,
+    warmup: int | None = None,
+    repeats: int | None = None,
+    steps_per_repeat: int | None = None,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    input_size: tuple[int, int] = (128, 1001),
+    progress: Callable[[str], None] | None = None,
+) -> ModelBench:
+    """The paper's Table 1 benchmark: :func:`bench_model` for each timm model (``timm:NAME`` or
+    ``NAME``; default the paper's three), with the device and library versions. ``batch``,
+    ``warmup``, ``repeats`` and ``steps_per_repeat`` left None take the device type's
+    :data:`MODEL_BENCH_DEFAULTS`; ``dtype`` is an autocast precision of :data:`DTYPES`
+    (fp16 on CUDA only). Unknown model names are an error before anything is measured."""
+    from .checkpoint import timm_name
+    from .rewrite import SurgeryError
+
+    device_ = torch.device(device)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "fp16" and device_.type != "cuda":
+        raise ValueError("fp16 autocast is for CUDA devices: use bf16 or fp32 on the CPU")
+    for source in models:
+        if source.startswith("file:"):
+            raise SurgeryError(f"{source!r} is not a timm model: the benchmark takes timm:NAME or NAME")
+    names = list(dict.fromkeys(timm_name(m) for m in models))  # all checked before any is built; a repeated name once
+    defaults = MODEL_BENCH_DEFAULTS[device_.type]
+    batch, warmup, repeats, steps_per_repeat = (
+        defaults[key] if value is None else value
+        for key, value in (
+            ("batch", batch),
+            ("warmup", warmup),
+            ("repeats", repeats),
+            ("steps_per_repeat", steps_per_repeat),
         )
-        if progress:
-            progress(f"{name} training")
-        measured[f"{name}_training"] = _samples_per_second(
-            _training_step(model.train(), x, autocast), batch, repeats, device_
-        )
-    return ModelResult(source, batch, device, None if autocast is None else str(autocast).split(".")[-1], **measured)
+    )
+    setup = environment(device) | {
+        "batch": batch,
+        "input_shape": [1, *input_size],
+        "dtype": dtype,
+        "warmup": warmup,
+        "repeats": repeats,
+        "steps_per_repeat": steps_per_repeat,
+    }
+    results = []
+    for index, name in enumerate(names):
+        label = f"{name} ({index + 1}/{len(names)})"
+        report = None if progress is None else (lambda what, label=label: progress(f"{label}: {what}"))
+        results.append(bench_model(name, batch, warmup, repeats, steps_per_repeat, device, dtype, input_size, report))
+    return ModelBench(setup, results)

@@ -211,6 +211,21 @@ def _unreadable(path: Path, error: Exception) -> CheckpointError:
     return CheckpointError(f"{path} is not a readable safetensors file: {reason}")
 
 
+def timm_name(source: str) -> str:
+    """The timm model that ``timm:NAME`` (or a bare ``NAME``) names; an unknown one is a
+    :class:`SurgeryError` naming the closest known names."""
+    import timm
+
+    name = source.removeprefix("timm:")
+    if ":" in name:
+        raise SurgeryError(f"unknown model source {source!r}: use timm:NAME or file:PATH.py:FACTORY")
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `timm.list_models('*pattern*')` lists them"
+        raise SurgeryError(f"unknown timm model {name!r}{hint}")
+    return name
+
+
 def create_source(source: str, pretrained: str | os.PathLike | None = None, **model_kwargs) -> nn.Module:
     """The model a source names: ``timm:NAME`` (or a bare timm name), or ``file:PATH.py:FACTORY``
     (``FACTORY(**model_kwargs)`` from a Python file).
@@ -230,13 +245,7 @@ def create_source(source: str, pretrained: str | os.PathLike | None = None, **mo
             f"{source} is a file, not a model name: use timm:NAME or file:PATH.py:FACTORY (a dclsify "
             "checkpoint is read with dclsify.load, and `dclsify diff` compares it with its source)"
         )
-    name = source.removeprefix("timm:")
-    if ":" in name:
-        raise SurgeryError(f"unknown model source {source!r}: use timm:NAME or file:PATH.py:FACTORY")
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; `timm.list_models('*pattern*')` lists them"
-        raise SurgeryError(f"unknown timm model {name!r}{hint}")
+    name = timm_name(source)
     if pretrained is None:
         return timm.create_model(name, pretrained=False, **model_kwargs)
     if not Path(pretrained).is_file():

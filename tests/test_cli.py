@@ -202,24 +202,59 @@ def test_models_lists_the_families():
     assert "12 x 7x7" in result.output  # convnext_atto
 
 
-def test_bench_model_compares_dcls_with_its_dsc_twin(tmp_path, monkeypatch):
+def test_bench_model_prints_table_1_and_writes_json(tmp_path, monkeypatch):
+    import statistics
+
+    import torch
+
     from dclsify.surgery import bench
 
-    real = bench.bench_model
+    real = bench.bench_models
     # convnext_atto on a short spectrogram keeps this a smoke test; the figures are for the benchmark
-    monkeypatch.setattr(bench, "bench_model", lambda *a, **k: real(*a, **k, input_size=(64, 160)))
-    out = tmp_path / "model.json"
-    args = ["bench-model", "--model", "timm:convnext_atto", "--batch", "1", "--repeats", "1", "--json", str(out)]
-    result = runner.invoke(app, args)
+    monkeypatch.setattr(bench, "bench_models", lambda *a, **k: real(*a, **k, input_size=(64, 160)))
+    out = tmp_path / "results" / "model.json"
+    args = ["bench-model", "--models", "timm:convnext_atto", "--batch", "1", "--repeats", "2", "--warmup", "0"]
+    result = runner.invoke(app, [*args, "--json", str(out)])
     assert result.exit_code == 0, result.output
-    assert "inference (baked)" in result.output and "training step" in result.output
+    assert f"torch {torch.__version__}" in result.output and "batch 1 of 1x64x160, fp32" in result.output
+    assert "convnext_atto" in result.output and "DCLS/DSC" in result.output and "un-baked" in result.output
+    assert [p.name for p in out.parent.iterdir()] == ["model.json"]  # no temporary left behind
     data = json.loads(out.read_text())
-    assert data["model"] == "timm:convnext_atto" and data["batch"] == 1
-    for key in ("dsc_inference", "dcls_inference", "dsc_training", "dcls_training"):
-        assert data[key] > 0
-    assert data["training_ratio"] == pytest.approx(data["dcls_training"] / data["dsc_training"])
-    missing = runner.invoke(app, ["bench-model", "--model", "timm:convnext_tny"])
-    assert missing.exit_code == 1 and "unknown timm model" in missing.output
+    assert data["setup"]["device"] == "cpu" and data["setup"]["threads"] == torch.get_num_threads()
+    assert (data["setup"]["batch"], data["setup"]["repeats"], data["setup"]["input_shape"]) == (1, 2, [1, 64, 160])
+    [model] = data["models"]
+    dsc, dcls, ratio = model["dsc"], model["dcls"], model["ratio"]
+    assert model["model"] == "convnext_atto" and set(dsc) == {"params", "gflops", "training", "inference"}
+    for measured in (dsc["training"], dsc["inference"], dcls["training"], dcls["inference"], dcls["inference_unbaked"]):
+        assert len(measured["samples"]) == 2 and min(measured["samples"]) > 0
+        assert measured["median"] == statistics.median(measured["samples"]) == sum(measured["samples"]) / 2
+    assert ratio["training"] == pytest.approx(dcls["training"]["median"] / dsc["training"]["median"])
+    assert ratio["inference"] == pytest.approx(dcls["inference"]["median"] / dsc["inference"]["median"])
+    assert ratio["inference_unbaked"] == pytest.approx(dcls["inference_unbaked"]["median"] / dsc["inference"]["median"])
+    # 12 depthwise layers over 1840 channels lose 49 - 26 weights each; the four stages (40 + 80 + 160
+    # + 320 channels) gain P and SIG, 2 x 2 x 26 per channel, shared by the stage's layers
+    assert dcls["params"] - dsc["params"] == -23 * 1840 + 104 * 600
+    assert dsc["params"] == 3_543_047  # timm's convnext_atto, 1-channel 2x16 stem, 527 classes
+    assert dcls["gflops"] > dsc["gflops"] > 0 and ratio["gflops"] == pytest.approx(dcls["gflops"] / dsc["gflops"])
+
+
+def test_bench_model_user_errors_come_before_any_measurement(monkeypatch):
+    from dclsify.surgery import bench
+
+    monkeypatch.setattr(bench, "bench_model", lambda *a, **k: pytest.fail("measured before checking its arguments"))
+    for args, expected in [
+        (["--models", "convnext_atto,convnext_tny"], "unknown timm model 'convnext_tny'; did you mean convnext_tiny"),
+        (["--models", "convnext_atto,,fastvit_sa24"], "has an empty name"),
+        (["--models", "file:net.py:build"], "'file:net.py:build' is not a timm model"),
+        (["--dtype", "fp64"], "unknown --dtype 'fp64': use fp32, bf16, fp16"),
+        (["--dtype", "fp16"], "--dtype fp16 is for CUDA devices"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--batch", "0"], "Invalid value for '--batch'"),
+    ]:
+        result = runner.invoke(app, ["bench-model", *args])
+        assert result.exit_code in (1, 2), args  # 2: typer's usage errors
+        assert expected in " ".join(result.output.split()), result.output
+        assert "Traceback" not in result.output
 
 
 def test_diff_of_a_checkpoint_against_its_source(tmp_path):
