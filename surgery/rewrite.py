@@ -470,4 +470,9 @@ def _replace_depthwise(model: nn.Module, config: RewriteConfig, matcher, report:
             shared[key] = (len(shared), layer.P, layer.SIG)
         group, layer.P, layer.SIG = shared[key]
         model.set_submodule(name, layer)
+        parent = model.get_submodule(name.rpartition(".")[0])
+        if tuple(getattr(parent, "spatial_shape", ())) == tuple(conv.kernel_size):
+            # a module that folds an identity into its conv's kernel (timm's RepConditionalPosEnc,
+            # when reparameterised) must know the baked kernel's size
+            parent.spatial_shape = layer.dilated_kernel_size
         report.replaced.append(Replacement(name, conv.in_channels, conv.kernel_size, conv.stride, shape, group))
