@@ -15,6 +15,7 @@ __all__ = [
     "ExportError",
     "LargeKernelConv2d",
     "SurgeryError",
+    "Tagger",
     "__version__",
     "bake",
     "convert",
@@ -26,7 +27,6 @@ __all__ = [
     "load",
     "rewrite",
     "save",
-    "Tagger",
 ]
 
 
@@ -36,3 +36,7 @@ def __getattr__(name: str):
 
         return Tagger
     raise AttributeError(f"module 'dclsify' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "Tagger"})

@@ -392,15 +392,18 @@ def _key_patterns(keys: list[str]) -> str:
     """State-dict keys in short: the tensors of one module in braces, and modules that differ
     only in their numbers as one pattern with ``*``, e.g. ``stages.*.blocks.*.conv_dw.{weight, P, SIG} (18 each)``."""
     import re
+    from collections import Counter
 
     by_module: dict[str, list[str]] = {}
     for key in keys:
-        by_module.setdefault(key.rpartition(".")[0], []).append(key.rpartition(".")[2])
-    patterns: dict[tuple[str, tuple[str, ...]], int] = {}
-    for module, tensors in by_module.items():
-        numbered = sum(1 for other in by_module if re.sub(r"\d+", "*", other) == re.sub(r"\d+", "*", module))
-        pattern = re.sub(r"\d+", "*", module) if numbered > 1 else module
-        patterns[pattern, tuple(tensors)] = patterns.get((pattern, tuple(tensors)), 0) + 1
+        module, _, tensor = key.rpartition(".")
+        by_module.setdefault(module, []).append(tensor)
+    numbered = {module: re.sub(r"\d+", "*", module) for module in by_module}
+    sharing = Counter(numbered.values())
+    patterns: Counter = Counter(
+        (numbered[module] if sharing[numbered[module]] > 1 else module, tuple(tensors))
+        for module, tensors in by_module.items()
+    )
     parts = []
     for (module, tensors), count in patterns.items():
         names = tensors[0] if len(tensors) == 1 else "{" + ", ".join(tensors) + "}"
@@ -427,10 +430,9 @@ def import_command(
     from dclsify.surgery.checkpoint import save
     from dclsify.surgery.importer import PAPER_MODELS, import_checkpoint
 
-    if model is not None and model.startswith("timm:"):
-        options = dict(stem=stem, num_classes=num_classes, kernel=kernel, count=count, dcls=dcls)
-    else:
-        options = {}  # a paper model is imported as it was released
+    if output.is_dir():
+        fail(f"{output} is a folder: name the checkpoint to write")
+    options = dict(stem=stem, num_classes=num_classes, kernel=kernel, count=count, dcls=dcls)
     with console.status(f"importing {escape(str(checkpoint))}"):
         imported = _or_fail(import_checkpoint, checkpoint, model, strict, **options)
     report = imported.imported
@@ -450,7 +452,10 @@ def import_command(
         table.add_row("[red]does not fit[/]", escape(why), escape(key))
     if table.row_count:
         print_table(table)
-    _or_fail(save, imported, output, imported.class_names, imported.audio, imported.multi_label)
+    try:
+        _or_fail(save, imported, output, imported.class_names, imported.audio, imported.multi_label)
+    except OSError as error:
+        fail(f"cannot write {output}: {error.strerror or error}")
     console.print(f"wrote {output}", markup=False)
 
 

@@ -2,7 +2,7 @@
 
 from timm.models import convnext as timm_convnext
 
-from .registry import Family, register, replace_stem_conv
+from .registry import Family, map_key_by_key, register, replace_stem_conv
 
 
 def checkpoint_filter_fn(state_dict, model):
@@ -10,7 +10,7 @@ def checkpoint_filter_fn(state_dict, model):
     ``stages.S.B.dwconv``, ``gamma``, ``norm``/``head``) onto timm's names. timm's own filter
     for the original ConvNeXt checkpoints does it: the Dcls2d's ``P``/``SIG``/``weight`` ride
     along under ``conv_dw``, the audio stem's conv under ``stem.0``."""
-    return timm_convnext.checkpoint_filter_fn(state_dict, model)
+    return map_key_by_key(timm_convnext.checkpoint_filter_fn, state_dict, model)
 
 
 FAMILY = register(

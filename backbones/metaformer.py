@@ -3,7 +3,7 @@
 from timm.models import metaformer as timm_metaformer
 from torch import nn
 
-from .registry import Family, register, replace_stem_conv
+from .registry import Family, map_key_by_key, register, replace_stem_conv
 
 DCLS_AUDIO_HEAD_NORM_EPS = 1e-5  # DCLS-Audio's MLP head has nn.LayerNorm's default eps; timm's port 1e-6
 
@@ -22,17 +22,9 @@ def checkpoint_filter_fn(state_dict, model):
 
     timm's filter for the reference MetaFormer checkpoints renames every key and gives the
     Linear weights their 1x1-conv shape; the Dcls2d's ``weight``/``P``/``SIG`` ride along under
-    ``token_mixer.dwconv``, the audio stem's conv under ``stem.conv``. It stops at a key that
-    has no place in the model, so it is given one key at a time, and such a key keeps its
-    name for the import to report.
+    ``token_mixer.dwconv``, the audio stem's conv under ``stem.conv``.
     """
-    mapped = {}
-    for key, tensor in state_dict.items():
-        try:
-            mapped.update(timm_metaformer.checkpoint_filter_fn({key: tensor}, model))
-        except KeyError:
-            mapped[key] = tensor
-    return mapped
+    return map_key_by_key(timm_metaformer.checkpoint_filter_fn, state_dict, model)
 
 
 FAMILY = register(

@@ -58,3 +58,16 @@ def replace_stem_conv(path: str) -> Callable[[nn.Module, Callable[[int, bool], n
         return path
 
     return replace
+
+
+def map_key_by_key(filter_fn, state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """A timm ``checkpoint_filter_fn`` that renames each key on its own, given one key at a
+    time: a key it cannot place (it looks the name up in the model, or reshapes to the
+    model's shape) keeps its name, for the import to report, instead of ending the import."""
+    mapped = {}
+    for key, tensor in state_dict.items():
+        try:
+            mapped.update(filter_fn({key: tensor}, model))
+        except (KeyError, RuntimeError):
+            mapped[key] = tensor
+    return mapped

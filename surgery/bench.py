@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .conv import chosen_algorithms
 from .dcls import Dcls2d, LargeKernelConv2d
+from .diff import count_parameters
 
 # The four stage shapes of ConvNeXt-T on a (1, 128, 1001) log-mel input with the 2x16 stem.
 PAPER_SHAPES = ((96, 64, 62), (192, 32, 31), (384, 16, 15), (768, 8, 7))
@@ -196,7 +197,7 @@ def bench_op(
 
 # -- whole models: the paper's Table 1 ---------------------------------------------------------
 
-PAPER_MODELS = ("convnext_tiny", "convformer_s18", "fastvit_sa24")
+TABLE1_MODELS = ("convnext_tiny", "convformer_s18", "fastvit_sa24")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
 # per device type: clips per batch, warm-up calls and timed repetitions of each step, steps per repetition
 # (on a GPU several, so that a repetition's synchronisation does not stall the queue after every step)
@@ -272,11 +273,6 @@ class ModelBench:
 
     def as_dict(self) -> dict:
         return {"setup": self.setup, "models": [m.as_dict() for m in self.models]}
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Parameters of ``model``, one shared by several layers (DCLS positions and spreads) counted once."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def _plain_conv(conv: Dcls2d | LargeKernelConv2d) -> torch.nn.Conv2d:
@@ -471,7 +467,7 @@ def environment(device: str) -> dict:
 
 
 def bench_models(
-    models: Sequence[str] = PAPER_MODELS,
+    models: Sequence[str] = TABLE1_MODELS,
     batch: int | None = None,
     warmup: int | None = None,
     repeats: int | None = None,

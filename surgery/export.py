@@ -225,7 +225,7 @@ def _quiet():
 def _failed(tool: str, error: Exception) -> ExportError:
     detail = " ".join(str(error).split())
     detail = detail if len(detail) <= 300 else detail[:300] + "..."
-    return ExportError(f"{tool} could not export the model ({type(error).__name__}: {detail})")
+    return ExportError(f"{tool} failed on the exported model ({type(error).__name__}: {detail})")
 
 
 def _write_onnx(module, example, check, name, metadata, path) -> tuple[Tensor, int]:
@@ -247,8 +247,11 @@ def _write_onnx(module, example, check, name, metadata, path) -> tuple[Tensor, i
             raise _failed("torch.onnx.export", error) from None
     program.model.metadata_props.update(metadata)
     program.save(path)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(["logits"], {name: check.numpy()})
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (logits,) = session.run(["logits"], {name: check.numpy()})
+    except Exception as error:  # noqa: BLE001 - onnxruntime's own error, about the model torch wrote
+        raise _failed("onnxruntime", error) from None
     return torch.from_numpy(logits), program.model.opset_imports[""]
 
 
@@ -259,4 +262,7 @@ def _write_torchscript(module, example, check, name, metadata, path) -> tuple[Te
         except Exception as error:  # noqa: BLE001 - torch's own error, about a model it cannot trace
             raise _failed("torch.jit.trace", error) from None
         torch.jit.save(traced, path, _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)})
-        return torch.jit.load(path)(check), None
+        try:
+            return torch.jit.load(path)(check), None
+        except Exception as error:  # noqa: BLE001 - torch's own error, about the model it traced
+            raise _failed("torch.jit.load", error) from None

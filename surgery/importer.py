@@ -18,7 +18,7 @@ from torch import nn
 
 from ..backbones import family_of
 from .checkpoint import CheckpointError, convert, read_state_dict
-from .rewrite import SurgeryError
+from .rewrite import RewriteConfig, SurgeryError
 
 STEM_MODES = ("adapt", "init")
 
@@ -67,19 +67,17 @@ class ImportReport:
     initialised: list[tuple[str, str]] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)
 
-    def as_dict(self) -> dict:
-        return {
-            "path": self.path,
-            "model": self.model,
-            "loaded": len(self.loaded),
-            **{k: [list(pair) for pair in getattr(self, k)] for k in ("adapted", "dropped", "initialised", "problems")},
-        }
-
 
 def detect_paper_model(state_dict: dict[str, torch.Tensor]) -> PaperModel | None:
-    """Which of the six released models a DCLS-Audio state dict is, from its keys; None if none."""
+    """Which of the six released models a DCLS-Audio state dict is, from its keys and its stem's
+    shape (one input channel, a (2, 16) kernel: not the RGB stem of an ImageNet file of the
+    same layout); None if none."""
     dcls = any(key.endswith(".P") for key in state_dict)
-    return next((m for m in PAPER_MODELS.values() if m.marker in state_dict and m.dcls == dcls), None)
+    for paper in PAPER_MODELS.values():
+        stem = state_dict.get(paper.marker)
+        if stem is not None and tuple(stem.shape[1:]) == (1, 2, 16) and paper.dcls == dcls:
+            return paper
+    return None
 
 
 def shared_groups(model: nn.Module) -> list[list[str]]:
@@ -141,8 +139,8 @@ def _check_strict(report: ImportReport, strict: bool) -> None:
     if strict and report.problems:
         listed = "; ".join(f"{key}: {why}" for key, why in report.problems[:3])
         more = f" and {len(report.problems) - 3} more" if len(report.problems) > 3 else ""
-        count = len(report.problems)
-        raise CheckpointError(f"{report.path}: {count} tensors do not fit {report.model}: {listed}{more}")
+        count = f"{len(report.problems)} tensor{'s' if len(report.problems) > 1 else ''}"
+        raise CheckpointError(f"{report.path}: {count} do not fit {report.model}: {listed}{more}")
 
 
 def import_paper_checkpoint(state_dict: dict[str, torch.Tensor], paper: PaperModel, report: ImportReport) -> nn.Module:
@@ -153,8 +151,19 @@ def import_paper_checkpoint(state_dict: dict[str, torch.Tensor], paper: PaperMod
     family = family_of(model)
     if family is None or family.checkpoint_filter_fn is None:
         raise CheckpointError(f"no mapping of DCLS-Audio checkpoints for {paper.source}")
-    load_mapped(model, family.checkpoint_filter_fn(state_dict, model), report)
+    load_mapped(model, _mapped(family.checkpoint_filter_fn, state_dict, model, report), report)
     return model
+
+
+def _mapped(filter_fn, state_dict, model: nn.Module, report: ImportReport) -> dict[str, torch.Tensor]:
+    """``filter_fn(state_dict, model)``; a file it cannot map is one error naming the file."""
+    try:
+        return dict(filter_fn(state_dict, model))
+    except Exception as error:  # noqa: BLE001 - the filter's own error, about a layout it does not know
+        detail = " ".join(str(error).split())[:300]
+        raise CheckpointError(
+            f"{report.path} does not have the layout of {report.model}: {type(error).__name__}: {detail}"
+        ) from None
 
 
 def import_timm_weights(
@@ -175,7 +184,7 @@ def import_timm_weights(
         raise CheckpointError(f"stem must be one of {STEM_MODES}, got {stem!r}")
     model = convert(source, {}, num_classes=num_classes, **rewrite_args)
     timm_filter = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-    mapped = dict(timm_filter(state_dict, model) if timm_filter else state_dict)
+    mapped = _mapped(timm_filter, state_dict, model, report) if timm_filter else dict(state_dict)
     own = model.state_dict()
     expected_new, expected_dropped = {}, {}
 
@@ -204,7 +213,8 @@ def import_timm_weights(
             for key in mapped:
                 if key.startswith(stem_name + ".") and key not in own:
                     expected_dropped[key] = f"the RGB stem's {key.rpartition('.')[2]}: the audio stem has none"
-        else:  # re-initialised on request, or a whole stem replaced (FastViT's MobileOne stem)
+        elif stem == "init" or any(key.startswith(stem_name + ".") for key in mapped):
+            # re-initialised on request, or a stem of another form (FastViT's MobileOne stem)
             why = "re-initialised (stem=init)" if stem == "init" else "new: the RGB stem has another form"
             expected_new.update({key: why for key in own if key.startswith(stem_name + ".")})
             expected_dropped.update({key: "the RGB stem" for key in mapped if key.startswith(stem_name + ".")})
@@ -263,8 +273,14 @@ def import_checkpoint(
     report = ImportReport(str(path), paper.name if paper else model)
     try:
         if paper is not None:
-            if rewrite_args or num_classes != PAPER_CLASSES:
-                raise CheckpointError(f"{paper.name} is imported as released: rewrite options do not apply")
+            defaults = RewriteConfig()
+            changed = [f"{k}={v!r}" for k, v in rewrite_args.items() if getattr(defaults, k, None) != v]
+            changed += [f"stem={stem!r}"] if stem != "adapt" else []
+            changed += [f"num_classes={num_classes}"] if num_classes != PAPER_CLASSES else []
+            if changed:
+                raise CheckpointError(
+                    f"{paper.name} is imported as released: {', '.join(changed)} apply to timm weights only"
+                )
             result = import_paper_checkpoint(state_dict, paper, report)
             result.class_names = [c.name for c in audioset_classes()]
             result.audio, result.multi_label = AudioConfig(), True

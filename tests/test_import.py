@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from dcls_audio import check_exports, check_layout, random_state_dict
 from safetensors.torch import save_file
+from timm.layers import resample_patch_embed
 from torch import nn
 from typer.testing import CliRunner
 
@@ -169,6 +170,7 @@ def test_a_file_that_does_not_fit_is_reported_and_refused_by_strict(tmp_path):
     state_dict["stages.0.1.dwconv.P"] = state_dict["stages.0.1.dwconv.P"] + 1  # no longer the stage's shared P
     state_dict["stages.3.2.gamma"] = torch.ones(5)
     state_dict["stages.3.2.extra"] = torch.ones(5)
+    state_dict["stages.2.9.pwconv1.weight"] = torch.ones(1536, 384)  # a tenth block (ConvNeXt-S has 27)
     del state_dict["head.bias"]
     path = tmp_path / "damaged.pth"
     torch.save({"model": state_dict}, path)
@@ -179,11 +181,12 @@ def test_a_file_that_does_not_fit_is_reported_and_refused_by_strict(tmp_path):
         "stages.0.blocks.1.conv_dw.P": "differs from stages.0.blocks.0.conv_dw.P, which this model shares with it",
         "stages.3.blocks.2.gamma": "shape (5,) in the file, (768,) in the model",
         "stages.3.blocks.2.extra": "in the file, but the model has no such tensor",
+        "stages.2.9.pwconv1.weight": "in the file, but the model has no such tensor",
         "head.fc.bias": "the model's, missing from the file: left as initialised",
     }
     result = CliRunner().invoke(app, ["import", str(path), "-o", str(tmp_path / "x.safetensors"), "--strict"])
     assert result.exit_code == 1
-    assert "damaged.pth: 4 tensors do not fit convnext_dcls_audio_tiny" in " ".join(result.output.split())
+    assert "damaged.pth: 5 tensors do not fit convnext_dcls_audio_tiny" in " ".join(result.output.split())
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -196,6 +199,14 @@ def test_model_named_and_files_refused(tmp_path):
     torch.save({"model": {"a.weight": torch.ones(1)}}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="not one of the paper's released models.*--model"):
         dclsify.import_checkpoint(tmp_path / "other.pth")
+    rgb = {**state_dict, "downsample_layers.0.0.weight": torch.ones(96, 3, 4, 4)}  # the original ImageNet layout
+    torch.save({"model": rgb}, tmp_path / "imagenet.pth")
+    with pytest.raises(CheckpointError, match="not one of the paper's released models"):
+        dclsify.import_checkpoint(tmp_path / "imagenet.pth")
+    with pytest.raises(CheckpointError, match="imported as released: kernel=17, stem='init' apply to timm weights"):
+        dclsify.import_checkpoint(tmp_path / "dsc.pth", kernel=17, stem="init")
+    result = CliRunner().invoke(app, ["import", str(tmp_path / "dsc.pth"), "-o", str(tmp_path)])
+    assert result.exit_code == 1 and "is a folder" in " ".join(result.output.split())
     with pytest.raises(CheckpointError, match="unknown model 'convnext'"):
         dclsify.import_checkpoint(tmp_path / "dsc.pth", model="convnext")
     # a training script's arguments beside the weights: unpickling them would run argparse's code
@@ -245,8 +256,8 @@ def test_the_rgb_stem_is_summed_over_colours_then_resized(tmp_path):
         save_file({"stem.0.weight": rgb}, tmp_path / f"{name}.safetensors")
         stems[name] = dclsify.import_checkpoint(tmp_path / f"{name}.safetensors", model="timm:convnext_atto")
     grey, red = (stems[n].state_dict()["stem.0.weight"] for n in ("grey", "red"))
-    assert grey.shape == (40, 1, 2, 16) and grey.abs().min() > 0
     torch.testing.assert_close(grey, red)  # the same sum over colours: the same audio stem
+    torch.testing.assert_close(grey, resample_patch_embed(3 * colour, [2, 16]))  # the sum, not the mean
     save_file({"stem.0.weight": torch.cat([colour, -colour, 0 * colour], 1)}, tmp_path / "cancel.safetensors")
     cancelled = dclsify.import_checkpoint(tmp_path / "cancel.safetensors", model="timm:convnext_atto")
     assert cancelled.state_dict()["stem.0.weight"].abs().max() == 0
