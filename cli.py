@@ -162,10 +162,12 @@ def bench(
         )
     table = Table(
         title=f"Dcls2d forward+backward: batch {batch}, kernel {kernel}, count {count}, {version}, {device}",
-        caption="ms: ours; ref: DCLS 0.1.1; 7x7: a dense depthwise 7x7 conv; MiB: our kernel construction's peak",
+        caption="ms: ours; ref: DCLS 0.1.1; 7x7: a dense depthwise 7x7 conv; MiB: our kernel construction's peak; "
+        "ops: operators that do work (GPU kernel launches) per forward+backward, a layer alone",
         **COMPACT,
     )
-    for heading in ("layer", "algorithm", "ms", "ref ms", "ref/ours", "7x7 ms", "ms/7x7", "MiB", "MiB/ref"):
+    headings = ("layer", "algorithm", "ms", "ref ms", "ref/ours", "7x7 ms", "ms/7x7", "MiB", "MiB/ref")
+    for heading in (*headings, "ops", "7x7 ops"):
         table.add_column(heading, justify="right", no_wrap=True)
     for r in results:
         missing = r.reference_ms is None
@@ -179,6 +181,8 @@ def bench(
             f"{r.vs_dense7:.2f}x",
             f"{r.ours_kernel_bytes / 2**20:.1f}",
             "-" if missing else f"{r.memory_ratio:.3f}",
+            str(r.ours_ops),
+            str(r.dense7_ops),
         )
     print_table(table)
     if reference and results and results[0].reference_ms is None:

@@ -176,9 +176,11 @@ def _optimizer(recipe: Recipe, model: nn.Module, lr: float) -> torch.optim.Optim
 def clamp_positions(model: nn.Module) -> None:
     from dclsify.surgery.dcls import Dcls2d
 
+    clamped = set()  # a stage's layers share one P: clamp it once
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, Dcls2d):
+            if isinstance(module, Dcls2d) and (id(module.P), module.dilated_kernel_size) not in clamped:
+                clamped.add((id(module.P), module.dilated_kernel_size))
                 module.clamp_parameters()
 
 

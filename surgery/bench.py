@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .conv import chosen_algorithms
 from .dcls import Dcls2d, LargeKernelConv2d
 from .diff import count_parameters
+from .opcount import count_ops
 
 # The four stage shapes of ConvNeXt-T on a (1, 128, 1001) log-mel input with the 2x16 stem.
 PAPER_SHAPES = ((96, 64, 62), (192, 32, 31), (384, 16, 15), (768, 8, 7))
@@ -91,6 +92,8 @@ class OpResult:
     dense7_ms: float
     ours_kernel_bytes: int
     reference_kernel_bytes: int | None
+    ours_ops: int  # operators that do work (kernel launches on a GPU), forward+backward
+    dense7_ops: int
 
     @property
     def speedup(self) -> float | None:
@@ -155,6 +158,13 @@ def _forward_backward(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], 
     return step
 
 
+def _kernel_count(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """Operators that do work (each a kernel launch on a GPU) in a warm forward+backward."""
+    step = _forward_backward(module, x)
+    step()
+    return count_ops(step).kernels
+
+
 def bench_op(
     shapes=PAPER_SHAPES,
     batch: int = 8,
@@ -191,7 +201,10 @@ def bench_op(
         if ref is not None:
             ref_ms = time_ms(_forward_backward(ref, x), repeats, device)
             ref_bytes = peak_bytes(partial(_construct_and_backward, partial(ref.DCK, ref.weight, ref.P, ref.SIG)))
-        results.append(OpResult(channels, height, width, algorithm, ours_ms, ref_ms, dense7_ms, ours_bytes, ref_bytes))
+        ops = (_kernel_count(ours, x), _kernel_count(dense7, x))
+        results.append(
+            OpResult(channels, height, width, algorithm, ours_ms, ref_ms, dense7_ms, ours_bytes, ref_bytes, *ops)
+        )
     return results
 
 

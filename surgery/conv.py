@@ -22,10 +22,15 @@ pads the input to match, which is exact and never slower.
 ``algorithm="auto"`` times the algorithms that apply, once per (shape, dtype,
 device, grad mode), on the real inputs, and caches the fastest; under
 ``torch.compile`` it uses the cached choice or, without one, a cost estimate.
+Timing synchronises the device and runs extra work, which a CUDA graph cannot
+capture: warm up each kind of step to capture (training, evaluation) once first.
+After that a step reads only its cached choices, and nothing in it makes the host
+wait for the device (tests/test_opcount.py).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -120,14 +125,14 @@ def _fast_len(n: int) -> int:
 # --- the algorithms: each takes the input, the cropped kernel and the plan ---
 
 
-def _direct(x: Tensor, w: Tensor, plan: _Plan, groups: int) -> Tensor:
-    return F.conv2d(F.pad(x, plan.pad), w, None, plan.stride, 0, 1, groups)
+def _direct(x: Tensor, w: Tensor, plan: _Plan, groups: int, bias: Tensor | None = None) -> Tensor:
+    return F.conv2d(F.pad(x, plan.pad), w, bias, plan.stride, 0, 1, groups)
 
 
-def _channels_last(x: Tensor, w: Tensor, plan: _Plan, groups: int) -> Tensor:
+def _channels_last(x: Tensor, w: Tensor, plan: _Plan, groups: int, bias: Tensor | None = None) -> Tensor:
     x = F.pad(x, plan.pad).contiguous(memory_format=torch.channels_last)
     w = w.contiguous(memory_format=torch.channels_last)
-    return F.conv2d(x, w, None, plan.stride, 0, 1, groups)
+    return F.conv2d(x, w, bias, plan.stride, 0, 1, groups)
 
 
 def _product(x: Tensor, w: Tensor, groups: int) -> Tensor:
@@ -146,7 +151,8 @@ def _product_grad_input(grad: Tensor, w: Tensor, groups: int) -> Tensor:
     batch, cout, cin_per_group = grad.shape[0], w.shape[0], w.shape[1]
     freq = grad.shape[2:]
     if cin_per_group == 1:
-        return (grad * w[:, 0]).view(batch, groups, cout // groups, *freq).sum(2)
+        grad = grad * w[:, 0]
+        return grad if cout == groups else grad.view(batch, groups, cout // groups, *freq).sum(2)
     grad = grad.reshape(batch, groups, cout // groups, -1)
     w = w.reshape(groups, cout // groups, cin_per_group, -1)
     return torch.einsum("bgof,goif->bgif", grad, w).reshape(batch, groups * cin_per_group, *freq)
@@ -167,10 +173,10 @@ def _product_grad_weight(grad: Tensor, x: Tensor, groups: int, cin_per_group: in
 def _fft_size(plan: _Plan, in_size, kernel_size) -> tuple[int, int]:
     """Transform size for :class:`_FFTCorrelation`: the input plus its larger padding.
 
-    The input sits at the start of a zero buffer, and output y reads it from (y*s - before)
-    onwards, wrapping around: the wrapped part must land on zeros (size >= in + before) and
-    the tail must not wrap (size >= in + after). Both paddings are never needed at once,
-    which makes transforms a third smaller than padding on both sides.
+    The input sits after its leading padding in a zero buffer, and output y reads it from
+    y*s onwards, wrapping around: the input must fit (size >= before + in) and what the tail
+    wraps onto must be the leading zeros (size >= in + after). Both paddings are never needed
+    at once, which makes transforms a third smaller than padding on both sides.
     """
     left, right, top, bottom = plan.pad
     return tuple(
@@ -185,21 +191,21 @@ class _FFTCorrelation(torch.autograd.Function):
     """Cross-correlation through rfft2, with a backward made of rfft2/irfft2 only
     (autograd's would run full complex transforms, at twice the cost).
 
-    Correlation theorem: circular corr(x, w) = irfft(X * conj(W)). The input sits at the
-    start of a zero buffer of :func:`_fft_size`; the kernel is rolled back by the leading
-    padding, so that output (y, x) is the circular correlation at (y*s, x*s), wrapping
-    onto zeros only. The gradients are the adjoints of the same circular maps (a
-    convolution with w for the input, a correlation with the input for w).
+    Correlation theorem: circular corr(x, w) = irfft(X * conj(W)). The input sits at its
+    leading padding in a zero buffer of :func:`_fft_size` and the kernel at the origin, so
+    that output (y, x) is the circular correlation at (y*s, x*s), wrapping onto zeros only.
+    The gradients are the adjoints of the same circular maps (a convolution with w for the
+    input, a correlation with the input for w). Every pad is one copy, done by the transform
+    itself where it can: no rolls, no scatters.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, plan: _Plan, groups: int) -> Tensor:
-        size = _fft_size(plan, x.shape[-2:], w.shape[-2:])
-        lead = (plan.pad[2], plan.pad[0])  # top, left
-        kh, kw = w.shape[-2:]
-        rolled = F.pad(w, (0, size[1] - kw, 0, size[0] - kh)).roll((-lead[0], -lead[1]), (-2, -1))
-        xf = torch.fft.rfft2(x, s=size)
-        wf = torch.fft.rfft2(rolled)
+        height, width = x.shape[-2:]
+        size = _fft_size(plan, (height, width), w.shape[-2:])
+        top, left = plan.pad[2], plan.pad[0]
+        xf = torch.fft.rfft2(F.pad(x, (left, size[1] - width - left, top, size[0] - height - top)))
+        wf = torch.fft.rfft2(w, s=size)
         circular = torch.fft.irfft2(_product(xf, wf.conj(), groups), s=size)
         valid = (
             ...,
@@ -207,45 +213,57 @@ class _FFTCorrelation(torch.autograd.Function):
             slice(0, plan.out_size[1] * plan.stride[1], plan.stride[1]),
         )
         ctx.save_for_backward(xf, wf)
-        ctx.valid, ctx.lead, ctx.size, ctx.groups = valid, lead, size, groups
-        ctx.input_size, ctx.kernel_shape = x.shape[-2:], w.shape
+        ctx.valid, ctx.size, ctx.groups, ctx.stride = valid, size, groups, plan.stride
+        ctx.input_box = (..., slice(top, top + height), slice(left, left + width))
+        ctx.kernel_shape = w.shape
         return circular[valid]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         xf, wf = ctx.saved_tensors
-        full = grad.new_zeros(*grad.shape[:2], *ctx.size)
-        full[ctx.valid] = grad
-        gf = torch.fft.rfft2(full)
+        if ctx.stride == (1, 1):  # the outputs are the buffer's first rows and columns
+            gf = torch.fft.rfft2(grad, s=ctx.size)
+        else:
+            full = grad.new_zeros(*grad.shape[:2], *ctx.size)
+            full[ctx.valid] = grad
+            gf = torch.fft.rfft2(full)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            height, width = ctx.input_size
-            grad_x = torch.fft.irfft2(_product_grad_input(gf, wf, ctx.groups), s=ctx.size)[..., :height, :width]
+            grad_x = torch.fft.irfft2(_product_grad_input(gf, wf, ctx.groups), s=ctx.size)[ctx.input_box]
         if ctx.needs_input_grad[1]:
             cout, cin_per_group, kh, kw = ctx.kernel_shape
             product = _product_grad_weight(gf.conj(), xf, ctx.groups, cin_per_group)
-            grad_w = torch.fft.irfft2(product, s=ctx.size).roll(ctx.lead, (-2, -1))[..., :kh, :kw]
+            grad_w = torch.fft.irfft2(product, s=ctx.size)[..., :kh, :kw]
         return grad_x, grad_w, None, None
 
 
-def _fft(x: Tensor, w: Tensor, plan: _Plan, groups: int) -> Tensor:
+def _fft(x: Tensor, w: Tensor, plan: _Plan, groups: int, bias: Tensor | None = None) -> Tensor:
     out_dtype = _output_dtype(x, w)
     real = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
     with torch.autocast(x.device.type, enabled=False):
         # contiguous: a channels-last input (timm blocks often produce one) would make
         # every transform stride across the channels, several times slower
-        x = x.to(real).contiguous()
-        y = _FFTCorrelation.apply(x, w.to(real).contiguous(), plan, groups)
+        x = x.to(real, memory_format=torch.contiguous_format)
+        y = _FFTCorrelation.apply(x, w.to(real), plan, groups)
+        if bias is not None:  # before the cast to out_dtype: no cast of the bias, nor of its gradient
+            y = y + bias.to(real).view(-1, 1, 1)
     return y.to(out_dtype)
 
 
-def _toeplitz_index(plan: _Plan, in_size, kernel_size, device) -> Tensor:
-    """For each (output, input) pixel pair, the flat kernel tap linking them, or the zero slot."""
-    (out_h, out_w), (kh, kw) = plan.out_size, kernel_size
-    left, top = plan.pad[0], plan.pad[2]
-    oy = torch.arange(out_h, device=device) * plan.stride[0] - top
-    ox = torch.arange(out_w, device=device) * plan.stride[1] - left
+@functools.lru_cache(maxsize=64)
+def _toeplitz_index(out_size, stride, pad, in_size, kernel_size, device) -> Tensor:
+    """For each (output, input) pixel pair, the flat kernel tap linking them, or the zero slot.
+    Cached: it depends on shapes only, and building it is a dozen operators per call."""
+    with torch.inference_mode(False):  # an inference tensor could not be saved for a later backward
+        return _build_toeplitz_index(out_size, stride, pad, in_size, kernel_size, device)
+
+
+def _build_toeplitz_index(out_size, stride, pad, in_size, kernel_size, device) -> Tensor:
+    (out_h, out_w), (kh, kw) = out_size, kernel_size
+    left, top = pad[0], pad[2]
+    oy = torch.arange(out_h, device=device) * stride[0] - top
+    ox = torch.arange(out_w, device=device) * stride[1] - left
     dy = torch.arange(in_size[0], device=device)[None, :] - oy[:, None]  # (Ho, H)
     dx = torch.arange(in_size[1], device=device)[None, :] - ox[:, None]  # (Wo, W)
     inside = ((dy >= 0) & (dy < kh))[:, None, :, None] & ((dx >= 0) & (dx < kw))[None, :, None, :]
@@ -253,18 +271,19 @@ def _toeplitz_index(plan: _Plan, in_size, kernel_size, device) -> Tensor:
     return torch.where(inside, flat, kh * kw).reshape(out_h * out_w, -1)
 
 
-def _toeplitz(x: Tensor, w: Tensor, plan: _Plan, groups: int) -> Tensor:
+def _toeplitz(x: Tensor, w: Tensor, plan: _Plan, groups: int, bias: Tensor | None = None) -> Tensor:
     batch, cin, height, width = x.shape
     cout, kh, kw = w.shape[0], w.shape[-2], w.shape[-1]
-    index = _toeplitz_index(plan, (height, width), (kh, kw), x.device)
-    taps = torch.cat([w.reshape(cout, kh * kw), w.new_zeros(cout, 1)], dim=1)
+    index = _toeplitz_index(plan.out_size, plan.stride, plan.pad, (height, width), (kh, kw), x.device)
+    taps = F.pad(w.reshape(cout, kh * kw), (0, 1))  # the zero slot
     # gather, not indexing: its backward is a scatter-add, many times faster than index_put
     matrices = taps.gather(1, index.view(1, -1).expand(cout, -1))  # (Cout, Ho*Wo * H*W)
     # y[b, o] = matrices[o] @ x[b, c] for every output channel o of input channel c, the
     # batch as the matrices' columns: the outputs of one input are stacked rows of one product
     columns = x.reshape(batch, cin, height * width).permute(1, 2, 0)  # (Cin, H*W, B)
     y = torch.bmm(matrices.view(cin, -1, height * width), columns)  # (Cin, Cout/Cin * Ho*Wo, B)
-    return y.view(cout, -1, batch).permute(2, 0, 1).reshape(batch, cout, *plan.out_size)
+    y = y.view(cout, -1, batch).permute(2, 0, 1).reshape(batch, cout, *plan.out_size)
+    return y if bias is None else y + bias.to(y.dtype).view(-1, 1, 1)
 
 
 _KERNELS = {"direct": _direct, "channels_last": _channels_last, "fft": _fft, "toeplitz": _toeplitz}
@@ -389,10 +408,7 @@ def planned_conv2d(
             f"algorithm {algorithm!r} does not apply here: it needs one input channel per "
             f"group and at most {TOEPLITZ_MAX_ELEMENTS} matrix elements"
         )
-    out = _KERNELS[algorithm](input, weight, plan, groups)
-    if bias is not None:
-        out = out + bias.to(out.dtype).view(1, -1, 1, 1)
-    return out
+    return _KERNELS[algorithm](input, weight, plan, groups, bias)
 
 
 def large_kernel_conv2d(

@@ -14,7 +14,9 @@ profile normalised to sum 1:
 Both profiles are separable: an element is the outer product of a row profile
 and a column profile, its normaliser the product of their sums, and the kernel a
 sum of ``count`` outer products per channel pair: one batched matrix product.
-Nothing of size ``C x count x kernel^2`` is ever built.
+Nothing of size ``C x count x kernel^2`` is ever built. The profiles depend on P
+and SIG only: layers that share them (a stage, after the rewrite) build them once
+per forward pass, and each layer adds two operators forward and six backward.
 
 Axis convention (as the reference ``DCLS`` package): ``P[0]`` and ``SIG[0]`` run
 along the kernel's width (last) axis, ``P[1]`` and ``SIG[1]`` along its height. For a
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 
 import torch
 import torch.fx
@@ -44,86 +47,117 @@ _NORM_EPS = 1e-7  # in the normaliser, as the reference: an element pushed off t
 EXPONENT_FLOOR = -40.0
 
 
-def _profiles(centre: Tensor, sigma: Tensor | None, size: int) -> tuple[Tensor, Tensor]:
-    """Every element's unnormalised profile along one axis, (..., size), and the offsets
-    that its backward needs: ``(grid - centre) / std`` (Gaussian) or ``grid - centre`` (bilinear)."""
-    grid = torch.arange(size, device=centre.device, dtype=centre.dtype)
-    if sigma is None:  # bilinear
-        offset = grid - centre.unsqueeze(-1)
-        return (1 - offset.abs()).relu_(), offset
-    inverse_std = (sigma.abs() + SIGMA_FLOOR).reciprocal_().unsqueeze(-1)
-    scaled = torch.addcmul(-centre.unsqueeze(-1) * inverse_std, grid, inverse_std)
-    exponent = torch.addcmul(scaled.new_zeros(()), scaled, scaled, value=-0.5)
-    # exp() of very negative numbers, and products of its results, pass through denormals,
-    # 40x slower on CPUs: the profile is lowered by e^-40 and is exactly 0 below it (the
-    # reference's 1e-7 in the normaliser already makes such elements vanish).
-    return exponent.clamp_(min=EXPONENT_FLOOR).exp_().sub_(math.exp(EXPONENT_FLOOR)), scaled
-
-
-def _profiles_backward(grad: Tensor, profile: Tensor, offset: Tensor, sigma: Tensor | None):
-    """Gradients of the centres and sigmas from the gradient of the profiles."""
-    if sigma is None:  # d/dcentre relu(1 - |grid - centre|) = sign(grid - centre) where positive
-        return (grad * offset.sign()).masked_fill_(profile == 0, 0).sum(-1), None
-    # d profile / d centre = scaled * profile / std; d profile / d std = scaled^2 * profile / std
-    inverse_std = (sigma.abs() + SIGMA_FLOOR).reciprocal_()
-    grad_scaled = grad.mul_(profile).mul_(offset)
-    grad_centre = grad_scaled.sum(-1) * inverse_std
-    return grad_centre, grad_scaled.mul_(offset).sum(-1) * inverse_std * sigma.sign()
-
-
-class _DclsKernel(torch.autograd.Function):
-    """The cropped dense kernel from (weight, P, SIG), with one hand-written backward: on a
-    GPU each autograd node is a kernel launch, and on a CPU each a pass over memory."""
+class _DclsProfiles(torch.autograd.Function):
+    """Every element's two profiles from (P, SIG): ``(2, C_out, C_in/groups, count, size)``, ``[0]``
+    along the columns and ``[1]`` along the rows, the row profile divided by the element's
+    normaliser. Layers that share P and SIG share these (:class:`Dcls2d` builds them once
+    per forward pass); only the weights are a layer's own (:class:`_DclsKernel`)."""
 
     @staticmethod
-    def forward(ctx, weight, P, SIG, kernel_size, rows, cols):
+    def forward(ctx, P, SIG, kernel_size, backward_done=None):
+        ctx.backward_done = backward_done
         kh, kw = kernel_size
-        cout, cin_per_group, count = weight.shape
-        pairs = cout * cin_per_group
-        # both axes at once ([0]: columns, [1]: rows), over the larger window
-        centre = P + kh // 2 if kh == kw else torch.stack((P[0] + kw // 2, P[1] + kh // 2))
-        profile, offset = _profiles(centre, SIG, max(kh, kw))
+        size = max(kh, kw)
+        if kh == kw:  # the grid is centred on the window, as P is
+            grid = torch.arange(-(kh // 2), size - kh // 2, device=P.device, dtype=P.dtype)
+            offset = grid - P.unsqueeze(-1)
+        else:  # [0]: columns, [1]: rows, each centred on its own axis
+            grid = torch.arange(size, device=P.device, dtype=P.dtype)
+            offset = grid - torch.stack((P[0] + kw // 2, P[1] + kh // 2)).unsqueeze(-1)
+        if SIG is None:  # bilinear: the "hat" max(0, 1 - |d|)
+            inverse_std = None
+            profile = (1 - offset.abs()).relu_()
+        else:
+            inverse_std = (SIG.abs() + SIGMA_FLOOR).reciprocal_()
+            offset.mul_(inverse_std.unsqueeze(-1))
+            # exp() of very negative numbers, and products of its results, pass through denormals,
+            # 40x slower on CPUs: the profile is lowered by e^-40 and is exactly 0 below it (the
+            # reference's 1e-7 in the normaliser already makes such elements vanish).
+            profile = offset.square().mul_(-0.5).clamp_(min=EXPONENT_FLOOR).exp_().sub_(math.exp(EXPONENT_FLOOR))
         if kh != kw:  # the shorter axis's profile ends with its window
             profile[int(kh < kw), ..., min(kh, kw) :] = 0
         # An element's 2-D profile rows x cols sums to rows.sum() * cols.sum() over the window.
         sums = profile.sum(-1)
-        normaliser = sums[0] * sums[1] + _NORM_EPS
-        scale = weight / normaliser
-        col_crop, row_crop = profile[0, ..., cols], profile[1, ..., rows]
-        scaled_rows = (scale.unsqueeze(-1) * row_crop).reshape(pairs, count, -1)
-        # kernel[h, w] = sum_n scale[n] rows[n, h] cols[n, w] for every channel pair
-        kernel = torch.bmm(scaled_rows.transpose(1, 2), col_crop.reshape(pairs, count, -1))
-        ctx.save_for_backward(profile, offset, SIG, sums, normaliser, scale)
+        inverse_norm = (sums[0] * sums[1]).add_(_NORM_EPS).reciprocal_()
+        # not profile[1].mul_(): torch.compile (2.11) loses that in-place update of a saved output
+        profile = torch.stack((profile[0], profile[1] * inverse_norm.unsqueeze(-1)))
+        ctx.save_for_backward(profile, offset, inverse_std, SIG, sums, inverse_norm)
+        return profile
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        if ctx.backward_done is not None:
+            ctx.backward_done[0] = True
+        with torch.autocast(grad.device.type, enabled=False):  # as the forward: in the parameters' dtype
+            return _DclsProfiles._backward(ctx, grad) + (None,)
+
+    @staticmethod
+    def _backward(ctx, grad):
+        # profile = (c, r * z) with z = 1 / (sum(c) sum(r) + eps): the gradient of the raw profiles
+        # times the raw profiles is h * profile, where h = grad - t * (z sum(r), sum(c)) and
+        # t = sum(grad[1] * profile[1]) (each tap reaches z through its axis's sum).
+        profile, offset, inverse_std, SIG, sums, inverse_norm = ctx.saved_tensors
+        t = (grad[1] * profile[1]).sum(-1, keepdim=True)
+        through_sums = sums.flip(0).unsqueeze(-1)
+        through_sums[0].mul_(inverse_norm.unsqueeze(-1))
+        h = torch.addcmul(grad, through_sums, t, value=-1)
+        if SIG is None:  # d/dcentre relu(1 - |grid - centre|) = sign(grid - centre) where positive
+            h[1].mul_(inverse_norm.unsqueeze(-1))  # the gradient of the raw profile itself
+            grad_centre = (h * offset.sign()).masked_fill_(profile == 0, 0).sum(-1)
+            return grad_centre, None, None
+        # d profile / d centre = offset * profile / std; d profile / d std = offset^2 * profile / std
+        h.mul_(profile).mul_(offset)
+        grad_centre = h.sum(-1).mul_(inverse_std)
+        grad_sigma = h.mul_(offset).sum(-1).mul_(inverse_std).mul_(SIG.sign())
+        return grad_centre, grad_sigma, None
+
+
+class _DclsKernel(torch.autograd.Function):
+    """The cropped dense kernel from a layer's weights and its (shared) profiles:
+    ``kernel[h, w] = sum_n weight[n] rows[n, h] cols[n, w]`` for every channel pair, one
+    batched matrix product. Two operators forward, five backward: on a GPU each is a
+    kernel launch, and on a CPU each a pass over memory."""
+
+    @staticmethod
+    def forward(ctx, weight, profiles, rows, cols):
+        cout, cin_per_group, count = weight.shape
+        pairs = cout * cin_per_group
+        row_crop, col_crop = profiles[1, ..., rows], profiles[0, ..., cols]
+        scaled_rows = weight.unsqueeze(-1) * row_crop
+        kernel = torch.bmm(scaled_rows.view(pairs, count, -1).transpose(1, 2), col_crop.reshape(pairs, count, -1))
+        ctx.save_for_backward(weight, profiles, scaled_rows)
         ctx.crops = rows, cols
         return kernel.view(cout, cin_per_group, *kernel.shape[1:])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        with torch.autocast(grad.device.type, enabled=False):  # as the forward: in the parameters' dtype
+        with torch.autocast(grad.device.type, enabled=False):
             return _DclsKernel._backward(ctx, grad)
 
     @staticmethod
     def _backward(ctx, grad):
-        profile, offset, SIG, sums, normaliser, scale = ctx.saved_tensors
+        weight, profiles, scaled_rows = ctx.saved_tensors
         rows, cols = ctx.crops
-        cout, cin_per_group, count = scale.shape
+        cout, cin_per_group, count = weight.shape
         pairs = cout * cin_per_group
-        col_crop, row_crop = profile[0, ..., cols], profile[1, ..., rows]
+        row_crop, col_crop = profiles[1, ..., rows], profiles[0, ..., cols]
         grad = grad.reshape(pairs, *grad.shape[2:])
-        scaled_rows = (scale.unsqueeze(-1) * row_crop).reshape(pairs, count, -1)
-        grad_scaled_rows = torch.bmm(grad, col_crop.reshape(pairs, count, -1).transpose(1, 2))
-        grad_col_crop = torch.bmm(scaled_rows, grad).view_as(col_crop)
-        grad_scaled_rows = grad_scaled_rows.transpose(1, 2).reshape(row_crop.shape)
-        grad_scale = (grad_scaled_rows * row_crop).sum(-1)
-        grad_normaliser = -grad_scale * scale / normaliser
-        # each profile tap reaches the loss through its axis's sum and, inside the crop, the kernel
-        grad_sums = torch.stack((grad_normaliser * sums[1], grad_normaliser * sums[0]))
-        grad_profile = grad_sums.unsqueeze(-1).expand_as(profile).contiguous()
-        grad_profile[0, ..., cols] += grad_col_crop
-        grad_profile[1, ..., rows] += grad_scaled_rows.mul_(scale.unsqueeze(-1))
-        grad_centre, grad_sigma = _profiles_backward(grad_profile, profile, offset, SIG)
-        return grad_scale / normaliser, grad_centre, grad_sigma, None, None, None
+        # (pairs, count, taps): the gradients of scaled_rows and of col_crop
+        grad_scaled_rows = torch.bmm(grad, col_crop.reshape(pairs, count, -1).transpose(1, 2)).transpose(1, 2)
+        grad_weight = (grad_scaled_rows * row_crop.reshape(pairs, count, -1)).sum(-1)
+        size = profiles.shape[-1]
+        whole = rows == cols == slice(0, size)
+        grad_profiles = torch.empty_like(profiles) if whole else torch.zeros_like(profiles)
+        grad_rows, grad_cols = grad_profiles[1, ..., rows], grad_profiles[0, ..., cols]
+        if whole:  # written in place: no copies
+            torch.bmm(scaled_rows.view(pairs, count, -1), grad, out=grad_cols.view(pairs, count, -1))
+            torch.mul(grad_scaled_rows, weight.view(pairs, count, 1), out=grad_rows.view(pairs, count, -1))
+        else:
+            grad_cols.copy_(torch.bmm(scaled_rows.view(pairs, count, -1), grad).view_as(grad_cols))
+            grad_rows.copy_((grad_scaled_rows * weight.view(pairs, count, 1)).view_as(grad_rows))
+        return grad_weight.view_as(weight), grad_profiles, None, None
 
 
 def _span(taps: slice, size: int) -> slice:
@@ -141,6 +175,14 @@ def _span(taps: slice, size: int) -> slice:
     return slice(start, max(start, bound(taps.stop, size)))
 
 
+def dcls_profiles(P: Tensor, SIG: Tensor | None, kernel_size: tuple[int, int]) -> Tensor:
+    """The elements' interpolation profiles along both axes, ``(2, C_out, C_in/groups, count, size)``:
+    what the layers sharing ``P`` and ``SIG`` have in common, to pass to :func:`dcls_kernel` or
+    :func:`dcls_conv2d` as ``profiles`` (with autocast off, in the parameters' dtype)."""
+    with torch.autocast(P.device.type, enabled=False):
+        return _DclsProfiles.apply(P, SIG, tuple(kernel_size), None)
+
+
 def dcls_kernel(
     weight: Tensor,
     P: Tensor,
@@ -148,17 +190,21 @@ def dcls_kernel(
     kernel_size: tuple[int, int],
     rows: slice = slice(None),
     cols: slice = slice(None),
+    profiles: Tensor | None = None,
 ) -> Tensor:
     """The dense kernel (C_out, C_in/groups, kh, kw) of a DCLS layer, or only its ``rows`` and ``cols``.
 
     ``SIG=None`` selects the bilinear (``v1``) profile. Computed in the
     parameters' dtype with autocast off: a kernel built in bf16 would lose its
-    sub-pixel positions.
+    sub-pixel positions. ``profiles`` (:func:`dcls_profiles` of ``P`` and ``SIG``) are
+    built here when not given.
     """
     kh, kw = kernel_size
     rows, cols = _span(rows, kh), _span(cols, kw)
+    if profiles is None:
+        profiles = dcls_profiles(P, SIG, (kh, kw))
     with torch.autocast(weight.device.type, enabled=False):
-        return _DclsKernel.apply(weight, P, SIG, (kh, kw), rows, cols)
+        return _DclsKernel.apply(weight, profiles, rows, cols)
 
 
 def dcls_conv2d(
@@ -173,11 +219,40 @@ def dcls_conv2d(
     groups: int,
     padding_mode: str = "zeros",
     algorithm: str = "auto",
+    profiles: Tensor | None = None,
 ) -> Tensor:
     """A DCLS convolution: the kernel, built only where it can reach the input, then convolved."""
     input, plan = conv_plan(input, kernel_size, stride, padding, padding_mode)
-    kernel = dcls_kernel(weight, P, SIG, kernel_size, plan.rows, plan.cols)
+    kernel = dcls_kernel(weight, P, SIG, kernel_size, plan.rows, plan.cols, profiles)
     return planned_conv2d(input, kernel, bias, plan, groups, algorithm)
+
+
+class _SharedProfiles:
+    """One P/SIG group's profiles, built by the first of its layers to run in a forward pass
+    and reused by the others (the rewrite shares P and SIG among a stage's layers), so that
+    their construction, forward and backward, runs once per group instead of once per layer.
+    A layer that asks again starts a new pass. The layers that used it hold it: it lives as
+    long as they do, and the registry below only finds it."""
+
+    __slots__ = ("P", "SIG", "key", "profiles", "users", "backward_done", "__weakref__")
+
+    def __init__(self, P: Tensor, SIG: Tensor | None, key: tuple, kernel_size: tuple[int, int]) -> None:
+        self.P, self.SIG, self.key, self.users = P, SIG, key, set()
+        self.backward_done = [False]  # set by the profiles' backward: their graph is used up
+        with torch.autocast(P.device.type, enabled=False):
+            self.profiles = _DclsProfiles.apply(P, SIG, kernel_size, self.backward_done)
+
+    def usable_by(self, layer: Dcls2d, key: tuple) -> bool:
+        return (
+            self.P is layer.P
+            and self.SIG is layer.SIG
+            and self.key == key
+            and not self.backward_done[0]
+            and id(layer) not in self.users
+        )
+
+
+_shared_profiles: weakref.WeakValueDictionary[tuple[int, int], _SharedProfiles] = weakref.WeakValueDictionary()
 
 
 # Under plain torch.fx.symbolic_trace these stay single call_function nodes: their
@@ -291,8 +366,11 @@ class Dcls2d(nn.Module):
     def clamp_parameters(self) -> None:
         """Clamp positions to the window: ``P[0]`` to +-width//2, ``P[1]`` to +-height//2."""
         kh, kw = self.dilated_kernel_size
-        self.P[0].clamp_(-(kw // 2), kw // 2)
-        self.P[1].clamp_(-(kh // 2), kh // 2)
+        if kh == kw:  # one operator, not two
+            self.P.clamp_(-(kw // 2), kw // 2)
+        else:
+            self.P[0].clamp_(-(kw // 2), kw // 2)
+            self.P[1].clamp_(-(kh // 2), kh // 2)
 
     def kernel(self) -> Tensor:
         """The dense kernel, (out_channels, in_channels/groups, kh, kw)."""
@@ -311,7 +389,40 @@ class Dcls2d(nn.Module):
             self.groups,
             self.padding_mode,
             self.algorithm,
+            profiles=self._shared_profiles(input),
         )
+
+    def _shared_profiles(self, input: Tensor) -> Tensor | None:
+        """The profiles of this layer's P and SIG, shared with the other layers that have them in
+        this forward pass (:class:`_SharedProfiles`), or None to build them in the call: while
+        tracing or compiling, and under saved-tensor hooks (activation checkpointing recomputes a
+        layer alone, and it must build what it built the first time)."""
+        if (
+            isinstance(input, torch.fx.Proxy)
+            or torch.compiler.is_compiling()
+            or torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
+        ):
+            return None
+        P, SIG = self.P, self.SIG
+        key = (
+            P._version,
+            None if SIG is None else SIG._version,
+            self.dilated_kernel_size,
+            torch.is_grad_enabled() and (P.requires_grad or (SIG is not None and SIG.requires_grad)),
+            torch.is_inference_mode_enabled(),
+        )
+        shared = _shared_profiles.get((id(P), id(SIG)))
+        if shared is None or not shared.usable_by(self, key):
+            shared = _SharedProfiles(P, SIG, key, self.dilated_kernel_size)
+            _shared_profiles[id(P), id(SIG)] = shared
+        shared.users.add(id(self))
+        self.__dict__["_profiles_in_use"] = shared  # keeps them alive for the group's other layers
+        return shared.profiles
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_profiles_in_use", None)  # a cache of one forward pass, with its autograd graph
+        return state
 
     @torch.no_grad()
     def bake(self) -> LargeKernelConv2d:

@@ -44,6 +44,7 @@ def test_bench_prints_a_table_and_writes_json(tmp_path):
     for row in rows:
         assert row["algorithm"] in {"direct", "channels_last", "fft", "toeplitz"}
         assert row["ours_ms"] > 0 and row["dense7_ms"] > 0
+        assert row["dense7_ops"] == 2 and 10 < row["ours_ops"] < 80  # conv and its backward; the kernel's too
         if row["reference_ms"] is not None:  # with the oracle installed: faster and far leaner
             assert row["speedup"] > 1 and 0 < row["memory_ratio"] < 0.1
     assert [p.name for p in out.parent.iterdir()] == ["bench.json"]  # no temporary left behind

@@ -4,6 +4,7 @@ import copy
 import io
 import math
 import pickle
+from functools import partial
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ import torch.nn.functional as F
 
 from dclsify import Dcls2d, LargeKernelConv2d, dcls_kernel
 from dclsify.surgery.bench import peak_bytes
+from dclsify.surgery.dcls import dcls_conv2d
+from dclsify.surgery.opcount import count_ops
 
 
 def _layer(channels=8, kernel=7, count=5, **kwargs):
@@ -274,3 +277,109 @@ def test_kernel_can_be_built_for_a_window_of_taps_only():
     torch.testing.assert_close(
         dcls_kernel(layer.weight, layer.P, layer.SIG, (23, 23), rows, cols), full[..., rows, cols]
     )
+
+
+def _stage(layers=3, channels=8, kernel=9, version="gauss"):
+    """Layers sharing one P and SIG, as the rewrite builds a stage, with positions spread over the window."""
+    torch.manual_seed(0)
+    stage = torch.nn.Sequential(*(_layer(channels, kernel, 5, version=version) for _ in range(layers)))
+    for layer in stage[1:]:
+        layer.P, layer.SIG = stage[0].P, stage[0].SIG
+    with torch.no_grad():
+        stage[0].P.uniform_(-(kernel // 2), kernel // 2)
+        if stage[0].SIG is not None:
+            stage[0].SIG.uniform_(-1, 1)
+    return stage
+
+
+def _each_layer_alone(stage, x):
+    """The stage computed without sharing: every layer builds its own profiles."""
+    for layer in stage:
+        x = dcls_conv2d(
+            x, layer.weight, layer.P, layer.SIG, layer.bias, layer.dilated_kernel_size, 1, layer.padding, layer.groups
+        )
+    return x
+
+
+def _outputs_and_gradients(stage, forward, x, grad):
+    stage.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    y = forward(x)
+    y.backward(grad)
+    return [y.detach(), x.grad] + [p.grad for p in stage.parameters()]
+
+
+@pytest.mark.parametrize("version", ["gauss", "v1"])
+def test_layers_sharing_positions_build_their_profiles_once_with_the_same_results(version):
+    stage = _stage(version=version)
+    x, grad = torch.randn(2, 8, 10, 11), torch.randn(2, 8, 10, 11)
+    shared = _outputs_and_gradients(stage, stage, x, grad)
+    alone = _outputs_and_gradients(stage, partial(_each_layer_alone, stage), x, grad)
+    for got, want in zip(shared, alone, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    profile_op = "aten.exp_.default" if version == "gauss" else "aten.relu_.default"
+    assert count_ops(lambda: stage(x).sum().backward()).ops[profile_op] == 1
+    assert count_ops(lambda: _each_layer_alone(stage, x).sum().backward()).ops[profile_op] == 3
+
+
+def test_shared_profiles_follow_every_pass_and_every_change_of_the_positions():
+    stage = _stage()
+    x, grad = torch.randn(2, 8, 10, 11), torch.randn(2, 8, 10, 11)
+    once = _outputs_and_gradients(stage, stage, x, grad)[2:]
+    stage.zero_grad()
+    for _ in range(2):  # gradient accumulation: forward, backward, forward, backward
+        stage(x).backward(grad)
+    for param, want in zip(stage.parameters(), once, strict=True):
+        torch.testing.assert_close(param.grad, 2 * want)
+    stage.zero_grad()
+    (stage(x) + stage(x)).backward(2 * grad)  # two passes, one backward
+    for param, want in zip(stage.parameters(), once, strict=True):
+        torch.testing.assert_close(param.grad, 4 * want)
+    with torch.no_grad():  # then a layer with gradients after one without
+        stage[2](x)
+    stage.zero_grad(set_to_none=True)
+    stage[0](x).backward(grad)
+    assert all(p.grad is not None for p in stage[0].parameters())
+    with torch.no_grad():  # positions moved in place (an optimiser step) between passes
+        before = stage(x)
+        stage[0].P.add_(0.5)
+        after = stage(x)
+        torch.testing.assert_close(after, _each_layer_alone(stage, x))
+        assert not torch.allclose(after, before)
+        stage[2](x)  # a layer that did not run since the positions moved still sees them move
+        stage[0].P.sub_(0.5)
+        torch.testing.assert_close(stage[0](x), _each_layer_alone(stage[:1], x))
+    stage[2](x).backward(grad)  # and one whose profiles' backward has run gets new ones
+    stage[0](x).backward(grad)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_gets_the_same_gradients(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    stage = _stage()
+    x, grad = torch.randn(2, 8, 10, 11), torch.randn(2, 8, 10, 11)
+
+    def checkpointed(x):
+        for layer in stage:
+            x = checkpoint(layer, x, use_reentrant=reentrant)
+        return x
+
+    for got, want in zip(
+        _outputs_and_gradients(stage, checkpointed, x, grad), _outputs_and_gradients(stage, stage, x, grad), strict=True
+    ):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_model_is_freed_after_a_forward_pass_without_backward():
+    import gc
+    import weakref
+
+    stage = _stage()
+    stage(torch.randn(1, 8, 9, 9)).sum()  # the shared profiles' graph holds P, and the stage holds them
+    copy.deepcopy(stage)(torch.randn(1, 8, 9, 9))  # copies and pickles leave that cache behind
+    pickle.loads(pickle.dumps(stage))
+    position = weakref.ref(stage[0].P)
+    del stage
+    gc.collect()
+    assert position() is None
