@@ -89,7 +89,7 @@ def plot_kernels(model: nn.Module, path: str | os.PathLike, channels: int = 3, t
 
     groups = dcls_groups(model)
     if not groups:
-        raise ValueError("the model has no Dcls2d layer: nothing to draw (a DSC model?)")
+        raise ValueError("the model has no Dcls2d layer: nothing to draw (a DSC model, or a baked export?)")
     figure, axes = plt.subplots(
         len(groups),
         1 + channels,
