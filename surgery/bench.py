@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from .conv import chosen_algorithms
-from .dcls import Dcls2d, LargeKernelConv2d
+from .dcls import Dcls2d, LargeKernelConv2d, plain_conv2d
 from .diff import count_parameters
 from .opcount import count_ops
 
@@ -288,21 +288,6 @@ class ModelBench:
         return {"setup": self.setup, "models": [m.as_dict() for m in self.models]}
 
 
-def _plain_conv(conv: Dcls2d | LargeKernelConv2d) -> torch.nn.Conv2d:
-    kernel_size = conv.dilated_kernel_size if isinstance(conv, Dcls2d) else conv.kernel_size
-    return torch.nn.Conv2d(
-        conv.in_channels,
-        conv.out_channels,
-        kernel_size,
-        conv.stride,
-        conv.padding,
-        groups=conv.groups,
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
-        device="meta",
-    )
-
-
 def count_flops(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
     """FLOPs of one forward pass of ``model`` in eval mode on an input of ``input_shape``, as
     ``torch.utils.flop_counter`` counts them: 2 x the multiply-accumulates of convolutions and
@@ -314,10 +299,10 @@ def count_flops(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
     """
     model = copy.deepcopy(model).to("meta").eval()
     if isinstance(model, (Dcls2d, LargeKernelConv2d)):
-        model = _plain_conv(model)
+        model = plain_conv2d(model, device="meta")
     for name, module in list(model.named_modules()):
         if isinstance(module, (Dcls2d, LargeKernelConv2d)):
-            model.set_submodule(name, _plain_conv(module))
+            model.set_submodule(name, plain_conv2d(module, device="meta"))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.empty(input_shape, device="meta"))
     return counter.get_total_flops()

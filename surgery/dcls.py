@@ -488,6 +488,23 @@ class LargeKernelConv2d(nn.Conv2d):
         return super().extra_repr() + f", algorithm={self.algorithm}"
 
 
+def plain_conv2d(layer: Dcls2d | LargeKernelConv2d, **factory) -> nn.Conv2d:
+    """A plain ``nn.Conv2d`` of the shape ``layer`` computes (a Dcls2d's window as its kernel),
+    freshly initialised; ``factory``: ``device``, ``dtype``."""
+    kernel_size = layer.dilated_kernel_size if isinstance(layer, Dcls2d) else layer.kernel_size
+    return nn.Conv2d(
+        layer.in_channels,
+        layer.out_channels,
+        kernel_size,
+        stride=layer.stride,
+        padding=layer.padding,
+        groups=layer.groups,
+        bias=layer.bias is not None,
+        padding_mode=layer.padding_mode,
+        **factory,
+    )
+
+
 def bake(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every :class:`Dcls2d` baked (:meth:`Dcls2d.bake`): the same
     outputs, without rebuilding kernels on every call, for inference and export."""

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import atomic_path, load, save
-from .dcls import LargeKernelConv2d, bake
+from .dcls import LargeKernelConv2d, bake, plain_conv2d
 
 FORMATS = ("dense", "onnx", "torchscript")
 TOLERANCE = 1e-4  # largest difference of logits, exported against original, that an export may show
@@ -69,18 +69,7 @@ def plain_convolutions(model: nn.Module) -> nn.Module:
     model = bake(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, LargeKernelConv2d):
-            conv = nn.Conv2d(
-                module.in_channels,
-                module.out_channels,
-                module.kernel_size,
-                stride=module.stride,
-                padding=module.padding,
-                groups=module.groups,
-                bias=module.bias is not None,
-                padding_mode=module.padding_mode,
-                device=module.weight.device,
-                dtype=module.weight.dtype,
-            )
+            conv = plain_conv2d(module, device=module.weight.device, dtype=module.weight.dtype)
             conv.load_state_dict(module.state_dict())
             model.set_submodule(name, conv.train(module.training))
     return model
