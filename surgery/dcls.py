@@ -404,9 +404,12 @@ class Dcls2d(nn.Module):
         ):
             return None
         P, SIG = self.P, self.SIG
+        # versions see in-place updates (optimisers, clamps, load_state_dict); the storage sees
+        # `P.data = ...`. An in-place write through `.data` bumps neither: the next pass rebuilds.
         key = (
             P._version,
-            None if SIG is None else SIG._version,
+            P.data_ptr(),
+            None if SIG is None else (SIG._version, SIG.data_ptr()),
             self.dilated_kernel_size,
             torch.is_grad_enabled() and (P.requires_grad or (SIG is not None and SIG.requires_grad)),
             torch.is_inference_mode_enabled(),
