@@ -190,16 +190,12 @@ def import_timm_weights(
 
     head = _prefix(model, model.get_classifier())
     expected_new.update({key: f"the new head ({num_classes} classes)" for key in own if key.startswith(head)})
-    for key in mapped:
-        if key.startswith(head) and (key not in own or mapped[key].shape != own[key].shape):
-            expected_dropped[key] = "the ImageNet head"
+    expected_dropped.update({key: "the ImageNet head" for key in _misfits(mapped, own, head)})
     for replacement in model.dclsify.replaced:
-        for key in own:
-            if key.startswith(replacement.name + ".") and (key not in mapped or mapped[key].shape != own[key].shape):
-                expected_new[key] = "a Dcls2d now: its elements start afresh"
-        for key in mapped:
-            if key.startswith(replacement.name + ".") and (key not in own or mapped[key].shape != own[key].shape):
-                expected_dropped[key] = f"the dense {_by(replacement.kernel_size)} kernel (now a Dcls2d)"
+        prefix = replacement.name + "."
+        expected_new.update({key: "a Dcls2d now: its elements start afresh" for key in _misfits(own, mapped, prefix)})
+        dense = f"the dense {_by(replacement.kernel_size)} kernel (now a Dcls2d)"
+        expected_dropped.update({key: dense for key in _misfits(mapped, own, prefix)})
     stem_name = model.dclsify.stem
     if stem_name is not None:
         stem_key = f"{stem_name}.weight"
@@ -220,6 +216,11 @@ def import_timm_weights(
             expected_dropped.update({key: "the RGB stem" for key in mapped if key.startswith(stem_name + ".")})
     load_mapped(model, mapped, report, expected_new, expected_dropped)
     return model
+
+
+def _misfits(tensors: dict, other: dict, prefix: str) -> list[str]:
+    """The keys of ``tensors`` under ``prefix`` that ``other`` lacks or holds in another shape."""
+    return [k for k in tensors if k.startswith(prefix) and (k not in other or tensors[k].shape != other[k].shape)]
 
 
 def _by(size) -> str:
