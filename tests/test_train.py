@@ -18,10 +18,11 @@ from rich.console import Console
 from sklearn.metrics import average_precision_score
 from typer.testing import CliRunner
 
-from dclsify import cli, load
+from dclsify import cli, export, load
 from dclsify.cli import app
 from dclsify.pipeline.recipe import RecipeError, builtin_recipes, load_recipe
 from dclsify.pipeline.train import TrainError, build_model, parameter_groups, train
+from dclsify.surgery.dcls import Dcls2d, LargeKernelConv2d
 
 runner = CliRunner()
 CLASSES = ["low", "middle", "high", "chirp"]
@@ -342,6 +343,20 @@ def test_fine_tuning_a_checkpoint_on_new_classes_with_a_frozen_body(sets, tmp_pa
     for key, tensor in epochs[1].items():  # and nothing else moves
         if not key.startswith("head.fc."):
             assert torch.equal(tensor, before[key]), key
+
+
+def test_fine_tuning_a_dense_export_trains_its_whole_kernels(sets, tmp_path):
+    train_set, eval_set = sets
+    first = train(load_recipe(None, TINY + ["train.epochs=1"]), train_set, eval_set, tmp_path / "first")
+    export(first.best_checkpoint, tmp_path / "dense.safetensors", format="dense")
+    dense = [*TINY, f"model.source={json.dumps(str(tmp_path / 'dense.safetensors'))}", "train.epochs=1"]
+    result = train(load_recipe(None, dense), train_set, eval_set, tmp_path / "tuned")
+    before, after = load(tmp_path / "dense.safetensors"), load(result.best_checkpoint)
+    assert not any(isinstance(m, Dcls2d) for m in after.modules())
+    kernels = {name: m.weight for name, m in after.named_modules() if isinstance(m, LargeKernelConv2d)}
+    assert len(kernels) == 12  # ConvNeXt-atto's depthwise convs, each a whole 9x9 kernel that trains
+    for name, weight in kernels.items():
+        assert weight.shape[1:] == (1, 9, 9) and not torch.equal(weight, before.get_submodule(name).weight), name
 
 
 def test_train_without_data_trains_on_the_demo_set(tmp_path, monkeypatch):
