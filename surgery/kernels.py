@@ -9,6 +9,7 @@ kernels of a few channels.
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -173,12 +174,11 @@ def plot_kernels(model: nn.Module, path: str | os.PathLike, channels: int = 3, t
             bar.set_label("kernel value", fontsize=7)
             bar.ax.tick_params(labelsize=7)
     figure.suptitle(title or "learned DCLS kernels", fontsize=11)
-    figure.text(
-        0.5, 0.0,
+    legend = (
         "points: kernel elements (area: |weight|; ring: one std of their Gaussian, |SIG| + 0.27); "
-        "dashed: the window positions are clamped to",
-        ha="center", va="bottom", fontsize=7,
-    )  # fmt: skip
+        "dashed: the window the positions are clamped to"
+    )
+    figure.supxlabel(textwrap.fill(legend, int(14 * figure.get_figwidth())), fontsize=7)  # laid out, not overlapping
     path = Path(path)
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=100)
