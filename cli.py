@@ -237,8 +237,14 @@ def bench_model_command(
             progress=lambda what: status.update(f"measuring {what}"),
         )
     s = result.setup
-    threads = f", {s['threads']} threads" if s["cuda"] is None else f", CUDA {s['cuda']}"
-    console.print(f"{s['device']}: {s['device_name']}{threads}", markup=False)
+    if s["cuda"] is None:
+        console.print(f"{s['device']}: {s['device_name']}, {s['threads']} threads", markup=False)
+    else:
+        console.print(
+            f"{s['device']}: {s['device_name']}, {s['device_memory'] / 2**30:.0f} GiB, CUDA {s['cuda']}, "
+            f"cuDNN {s['cudnn']} (benchmark mode {'on' if s['cudnn_benchmark'] else 'off'})",
+            markup=False,
+        )
     console.print(f"torch {s['torch']}, timm {s['timm']}, dclsify {s['dclsify']}, Python {s['python']}", markup=False)
     console.print(
         f"batch {s['batch']} of {'x'.join(map(str, s['input_shape']))}, {s['dtype']}, 527 classes; "
@@ -272,10 +278,18 @@ def bench_model_command(
             *(f"{q[k]:.2f}" for k in ("params", "gflops", "training", "inference", "inference_unbaked")),
             end_section=True,
         )
-    print_table(table)
+    if result.models:
+        print_table(table)
+    peaks = [f"{r.model} {r.peak_memory / 2**30:.1f} GiB" for r in result.models if r.peak_memory is not None]
+    if peaks:
+        console.print(f"peak {s['device']} memory per model (both twins): {', '.join(peaks)}", markup=False)
     if json_path is not None:
         write_atomically(json_path, json.dumps(result.as_dict(), indent=2) + "\n")
         console.print(f"wrote {json_path}", markup=False)
+    for message in result.failed.values():
+        console.print(f"[bold red]error:[/] {escape(message)}")
+    if result.failed:
+        raise typer.Exit(1)
 
 
 def _rewrite_options(
@@ -959,11 +973,16 @@ def kernels_command(
     checkpoint: Path = typer.Argument(..., help="A dclsify checkpoint with Dcls2d layers."),
     output: Path = typer.Option(Path("kernels.png"), "-o", "--output", help="The PNG to write."),
     channels: int = typer.Option(3, min=0, help="Built kernels drawn per group."),
-    stats: bool = typer.Option(False, "--stats", help="Also print per-group statistics (table, and JSON with --json)."),
-    json_output: bool = typer.Option(False, "--json", help="With --stats: the statistics as JSON instead of a table."),
+    stats: bool = typer.Option(
+        False, "--stats", help="Also print per-group statistics of positions, spreads, weights."
+    ),
+    json_output: bool = typer.Option(
+        False, "--json", help="Print the statistics as JSON (alone on stdout), not a table."
+    ),
     trust_code: bool = typer.Option(False, "--trust-code", help="Allow a file: model source to run its Python file."),
 ) -> None:
-    """Draw what a DCLS model learned: element positions, spreads and weights per stage, and built kernels."""
+    """Draw what a DCLS model learned, per stage (P/SIG group): its elements' positions, sized by |weight| and
+    ringed by their spread, and the built kernels of a few channels."""
     from dclsify.surgery.checkpoint import CheckpointError, load
     from dclsify.surgery.kernels import kernel_stats, plot_kernels
 
@@ -977,11 +996,17 @@ def kernels_command(
         fail(f"{checkpoint}: {error}")
     except OSError as error:
         fail(f"cannot write {output}: {error.strerror or error}")
-    if stats and json_output:
+    if json_output:
         typer.echo(json.dumps([group.as_dict() for group in kernel_stats(model)], indent=2))
         return
     if stats:
-        table = Table(**COMPACT)
+        table = Table(
+            caption="group: the layers sharing one P/SIG (a stage), as drawn (its first layer there and in --json). "
+            "Positions in taps from the window's centre; at edge: share of elements clamped to the window's border; "
+            "sigma: the std of an element's Gaussian, |SIG| + 0.27; |w|: over every layer of the group.",
+            caption_justify="left",
+            **COMPACT,
+        )
         headings = ("group", "layers", "channels", "count", "window", "position std", "mean distance", "at edge")
         for heading in (*headings, "mean sigma", "mean |w|"):
             table.add_column(heading, justify="right")
@@ -1003,3 +1028,7 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 def main() -> None:
     warnings.showwarning = _print_warning  # one line each, not Python's file:line form
     app()
+
+
+if __name__ == "__main__":  # python -m dclsify.cli, as python -m dclsify
+    main()

@@ -5,13 +5,14 @@ paper's Table 1)."""
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import platform
 import statistics
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -259,6 +260,7 @@ class ModelResult:
     model: str
     dsc: Variant
     dcls: Variant
+    peak_memory: int | None = None  # bytes of CUDA memory allocated at most while measuring the pair; None on the CPU
 
     @property
     def ratios(self) -> dict[str, float]:
@@ -274,18 +276,42 @@ class ModelResult:
         }
 
     def as_dict(self) -> dict:
-        return {"model": self.model, "dsc": self.dsc.as_dict(), "dcls": self.dcls.as_dict(), "ratio": self.ratios}
+        return {
+            "model": self.model,
+            "dsc": self.dsc.as_dict(),
+            "dcls": self.dcls.as_dict(),
+            "ratio": self.ratios,
+            "peak_memory": self.peak_memory,
+        }
 
 
 @dataclass
 class ModelBench:
-    """What :func:`bench_models` measured, and on what (``setup``: device, versions, batch, dtype...)."""
+    """What :func:`bench_models` measured, and on what (``setup``: device, versions, batch, dtype...);
+    ``failed``: the models that ran out of memory, each with its message (the others were measured)."""
 
     setup: dict
     models: list[ModelResult]
+    failed: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"setup": self.setup, "models": [m.as_dict() for m in self.models]}
+        return {"setup": self.setup, "models": [m.as_dict() for m in self.models], "failed": self.failed}
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
+
+
+def _free_memory(device: torch.device) -> None:
+    """Return the memory of a finished model: FX graph modules hold reference cycles, which only the
+    collector frees, and the CUDA caching allocator keeps freed blocks until emptied."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
 
 
 def count_flops(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -308,29 +334,34 @@ def count_flops(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
     return counter.get_total_flops()
 
 
-def _autocast(device: torch.device, dtype: str):
-    return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=DTYPES[dtype] is not None)
-
-
 def _inference_step(model: torch.nn.Module, x: torch.Tensor, dtype: str) -> Callable[[], None]:
+    from dclsify.pipeline.evaluate import autocast
+
     def step() -> None:
-        with torch.inference_mode(), _autocast(x.device, dtype):
+        with torch.inference_mode(), autocast(x.device, dtype):
             model(x)
 
     return step
 
 
 def _training_step(model: torch.nn.Module, x: torch.Tensor, dtype: str) -> Callable[[], None]:
-    """One step as the trainer takes it: forward under autocast, BCE, backward (through a gradient
-    scaler in fp16), AdamW, then the DCLS positions clamped to their window."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    """One step as the trainer (:func:`dclsify.pipeline.train.train`) takes it with the default
+    recipe: forward under autocast, BCE, backward (through a gradient scaler in fp16), AdamW on
+    the trainer's parameter groups, then each shared DCLS position tensor clamped once to its
+    window (the trainer's own functions)."""
+    from dclsify.pipeline.evaluate import autocast
+    from dclsify.pipeline.recipe import TrainRecipe
+    from dclsify.pipeline.train import clamp_positions, parameter_groups
+
+    recipe = TrainRecipe()
+    groups = parameter_groups(model, recipe.weight_decay, recipe.position_lr_scale)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-4, betas=tuple(recipe.betas))
     scaler = torch.amp.GradScaler(x.device.type) if dtype == "fp16" else None
-    layers = [m for m in model.modules() if isinstance(m, Dcls2d)]
     targets = None
 
     def step() -> None:
         nonlocal targets
-        with _autocast(x.device, dtype):
+        with autocast(x.device, dtype):
             logits = model(x).float()
         if targets is None:
             targets = (torch.rand_like(logits) < 0.01).float()
@@ -343,8 +374,7 @@ def _training_step(model: torch.nn.Module, x: torch.Tensor, dtype: str) -> Calla
             scaler.step(optimizer)
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        for layer in layers:
-            layer.clamp_parameters()
+        clamp_positions(model)
 
     return step
 
@@ -404,6 +434,8 @@ def bench_model(
 
     progress = progress or (lambda what: None)
     device_ = torch.device(device)
+    if device_.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device_)
     progress("building")
     torch.manual_seed(0)
     original = create_source(timm_name(name))
@@ -431,7 +463,8 @@ def bench_model(
             "inference_unbaked": measured["DCLS un-baked inference"],
         },
     )
-    return ModelResult(name, dsc_result, dcls_result)
+    peak = torch.cuda.max_memory_allocated(device_) if device_.type == "cuda" else None
+    return ModelResult(name, dsc_result, dcls_result, peak)
 
 
 def _processor_name() -> str:
@@ -455,9 +488,12 @@ def environment(device: str) -> dict:
     return {
         "device": device,
         "device_name": torch.cuda.get_device_name(device_) if gpu else _processor_name(),
+        "device_memory": torch.cuda.get_device_properties(device_).total_memory if gpu else None,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda if gpu else None,
+        "cudnn": torch.backends.cudnn.version() if gpu else None,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark if gpu else None,  # left as the trainer leaves it
         "timm": timm.__version__,
         "dclsify": __version__,
         "python": platform.python_version(),
@@ -510,9 +546,17 @@ def bench_models(
         "repeats": repeats,
         "steps_per_repeat": steps_per_repeat,
     }
-    results = []
+    results, failed = [], {}
     for index, name in enumerate(names):
         label = f"{name} ({index + 1}/{len(names)})"
         report = None if progress is None else (lambda what, label=label: progress(f"{label}: {what}"))
-        results.append(bench_model(name, batch, warmup, repeats, steps_per_repeat, device, dtype, input_size, report))
-    return ModelBench(setup, results)
+        try:
+            results.append(
+                bench_model(name, batch, warmup, repeats, steps_per_repeat, device, dtype, input_size, report)
+            )
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
+            if not _out_of_memory(error):
+                raise
+            failed[name] = f"{name}: out of memory on {device} at batch {batch} ({dtype}); try a smaller --batch"
+        _free_memory(device_)  # outside the except clause: its traceback no longer holds the tensors
+    return ModelBench(setup, results, failed)

@@ -9,9 +9,11 @@ kernels of a few channels.
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -76,14 +78,18 @@ def kernel_stats(model: nn.Module) -> list[GroupStats]:
 
 
 def plot_kernels(model: nn.Module, path: str | os.PathLike, channels: int = 3, title: str | None = None) -> Path:
-    """Draw every P/SIG group of ``model`` to a PNG: a row per group, its elements (all channels
-    of its first layer) as points at their positions, sized by |weight|, with a ring of one
-    spread, then the built kernels of its first ``channels`` channels."""
+    """Draw every P/SIG group of ``model`` to a PNG, a row per group (a stage, with ``sync="stage"``):
+    first the elements of every channel of its first layer as points at their learned positions,
+    sized by |weight| and ringed by one spread (the std of their Gaussian), in the window's frame;
+    then the built kernels of its first ``channels`` channels, on one colour scale per row, each
+    with its own elements marked. Axes as on a spectrogram: time (width) across, frequency
+    (height) up."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.collections import EllipseCollection
+    from matplotlib.patches import Rectangle
 
     from .checkpoint import atomic_path
 
@@ -93,42 +99,86 @@ def plot_kernels(model: nn.Module, path: str | os.PathLike, channels: int = 3, t
     figure, axes = plt.subplots(
         len(groups),
         1 + channels,
-        figsize=(3.1 * (1 + channels), 3.0 * len(groups)),
+        figsize=(0.4 + 3.0 * (1 + channels), 0.6 + 3.0 * len(groups)),
         squeeze=False,
         layout="constrained",
     )
+
+    def elements(ax, x, y, sx, sy, size, alpha, ring_alpha, color) -> None:
+        if sx is not None:
+            ax.add_collection(
+                EllipseCollection(
+                    2 * sx,
+                    2 * sy,
+                    0,
+                    units="xy",
+                    offsets=np.column_stack([x, y]),
+                    offset_transform=ax.transData,
+                    facecolors="none",
+                    edgecolors=color,
+                    linewidths=0.5,
+                    alpha=ring_alpha,
+                )  # fmt: skip
+            )
+        ax.scatter(x, y, s=size, c=color, alpha=alpha, linewidths=0)
+
     for row, members in groups.items():
         name, layer = members[0]
         kh, kw = layer.dilated_kernel_size
+        extent = (-kw / 2, kw / 2, -kh / 2, kh / 2)  # pixel edges: element offsets from the centre tap
         with torch.no_grad():
-            x, y = (layer.P[i].detach().float().flatten().numpy() for i in (0, 1))
-            weight = layer.weight.detach().float().flatten().abs().numpy()
-            kernel = layer.kernel().detach().float()
+            x, y = (layer.P[i].detach().float().reshape(layer.out_channels, -1).numpy() for i in (0, 1))
+            weight = layer.weight.detach().float().abs().reshape(layer.out_channels, -1).numpy()
+            sx = sy = None
+            if layer.SIG is not None:
+                sx, sy = ((layer.SIG[i].detach().abs() + SIGMA_FLOOR).float().reshape(layer.out_channels, -1).numpy()
+                          for i in (0, 1))  # fmt: skip
+            kernel = layer.kernel().detach().float()[:channels, 0].numpy()
+        size = 3 + 40 * weight / max(weight.max(), 1e-12)
         ax = axes[row, 0]
-        size = 4 + 60 * weight / max(weight.max(), 1e-12)
-        if layer.SIG is not None:
-            sx, sy = ((layer.SIG[i].detach().abs() + SIGMA_FLOOR).float().flatten().numpy() for i in (0, 1))
-            rings = EllipseCollection(
-                2 * sx, 2 * sy, 0, units="xy", offsets=list(zip(x, y, strict=True)), offset_transform=ax.transData,
-                facecolors="none", edgecolors="tab:orange", linewidths=0.3, alpha=0.25,
-            )  # fmt: skip
-            ax.add_collection(rings)
-        ax.scatter(x, y, s=size, c="tab:blue", alpha=0.5, linewidths=0)
-        ax.set(xlim=(-kw / 2, kw / 2), ylim=(-kh / 2, kh / 2), aspect="equal")
-        ax.set_title(f"group {row}: {len(members)} layers x {layer.out_channels} ch\n{name}", fontsize=8)
-        ax.set_xlabel("position, width (kernel units)", fontsize=7)
-        ax.set_ylabel("height", fontsize=7)
+        shown = x.size
+        elements(
+            ax, x.ravel(), y.ravel(), None if sx is None else sx.ravel(), None if sy is None else sy.ravel(),
+            size.ravel(), alpha=min(0.8, max(0.1, 200 / shown)), ring_alpha=min(0.5, max(0.02, 20 / shown)),
+            color="tab:blue",
+        )  # fmt: skip
+        ax.add_patch(Rectangle((-(kw // 2), -(kh // 2)), 2 * (kw // 2), 2 * (kh // 2), fill=False, ls="--", lw=0.6))
+        ax.set(xlim=extent[:2], ylim=extent[2:], aspect="equal")
+        ax.set_title(
+            f"{name}\ngroup {row}: {len(members)} layers share these positions\n"
+            f"{layer.out_channels} channels x {layer.kernel_count} elements",
+            fontsize=8,
+        )
+        ax.set_xlabel("time offset (width, taps)", fontsize=7)
+        ax.set_ylabel("frequency offset (height, taps)", fontsize=7)
+        ax.tick_params(labelsize=7)
+        bound = max(float(abs(kernel).max()) if kernel.size else 0.0, 1e-12)
+        image = None
         for column in range(channels):
             image_ax = axes[row, 1 + column]
-            if column < kernel.shape[0]:
-                values = kernel[column, 0].numpy()
-                bound = max(abs(values.min()), abs(values.max()), 1e-12)
-                image_ax.imshow(values, cmap="RdBu_r", vmin=-bound, vmax=bound, origin="lower",
-                                extent=(-kw / 2, kw / 2, -kh / 2, kh / 2))  # fmt: skip
-                image_ax.set_title(f"channel {column}: built {kh}x{kw} kernel", fontsize=8)
-            image_ax.set_xticks([])
-            image_ax.set_yticks([])
-    figure.suptitle(title or "learned DCLS kernels: element positions (size: |weight|, ring: spread)")
+            if column >= kernel.shape[0]:
+                image_ax.axis("off")
+                continue
+            image = image_ax.imshow(
+                kernel[column], cmap="RdBu_r", vmin=-bound, vmax=bound, origin="lower", extent=extent
+            )
+            elements(
+                image_ax, x[column], y[column], None if sx is None else sx[column], None if sy is None else sy[column],
+                size[column], alpha=0.9, ring_alpha=0.6, color="black",
+            )  # fmt: skip
+            image_ax.set(xlim=extent[:2], ylim=extent[2:])
+            image_ax.set_title(f"channel {column}: built {kh}x{kw} kernel", fontsize=8)
+            image_ax.tick_params(labelsize=7)
+        if image is not None:
+            bar = figure.colorbar(image, ax=axes[row, 1:].tolist(), shrink=0.8, pad=0.01)
+            bar.set_label("kernel value", fontsize=7)
+            bar.ax.tick_params(labelsize=7)
+    figure.suptitle(title or "learned DCLS kernels", fontsize=11)
+    legend = (
+        "points: kernel elements (area: |weight|; ring: one std of their Gaussian, |SIG| + 0.27); "
+        "dashed: the window the positions are clamped to"
+    )
+    figure.supxlabel(textwrap.fill(legend, int(14 * figure.get_figwidth())), fontsize=7)  # laid out, not overlapping
     path = Path(path)
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=100)

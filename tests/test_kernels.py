@@ -44,13 +44,29 @@ def test_kernels_command_draws_and_reports(tmp_path):
     dcls, dsc = tmp_path / "dcls.safetensors", tmp_path / "dsc.safetensors"
     dclsify.save(dclsify.convert("timm:convnext_atto", kernel=11, count=9, num_classes=5), dcls)
     dclsify.save(dclsify.convert("timm:convnext_atto", dcls=False, num_classes=5), dsc)
-    png = tmp_path / "k.png"
-    result = runner.invoke(app, ["kernels", str(dcls), "-o", str(png), "--stats"])
+    png = tmp_path / "new" / "folder" / "k.png"
+    result = runner.invoke(
+        app, ["kernels", str(dcls), "-o", str(png), "--stats", "--channels", "50"]
+    )  # > 40 in stage 0
     assert result.exit_code == 0, result.output
     assert "mean sigma" in result.output and png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 30_000
-    data = json.loads(runner.invoke(app, ["kernels", str(dcls), "-o", str(png), "--stats", "--json"]).output)
+    assert [p.name for p in png.parent.iterdir()] == ["k.png"]  # no temporary left behind
+    data = json.loads(runner.invoke(app, ["kernels", str(dcls), "-o", str(png), "--json"]).output)  # --json alone
     assert [g["group"] for g in data] == [0, 1, 2, 3] and data[2]["layers"] == 6
+    assert data[1]["first_layer"] == "stages.1.blocks.0.conv_dw"
     refused = runner.invoke(app, ["kernels", str(dsc), "-o", str(tmp_path / "none.png")])
     assert refused.exit_code == 1 and "no Dcls2d layer" in refused.output and not (tmp_path / "none.png").exists()
     with pytest.raises(ValueError, match="no Dcls2d layer"):
         plot_kernels(dclsify.load(dsc), tmp_path / "x.png")
+
+
+def test_the_figure_axes_match_the_built_kernel():
+    # plot_kernels draws P[0] across (columns, time) and P[1] up (rows, frequency, origin "lower"):
+    # an element there must be where the built kernel has its peak
+    layer = dclsify.Dcls2d(1, 1, 1, dilated_kernel_size=(9, 11), groups=1)
+    with torch.no_grad():
+        layer.P.copy_(torch.tensor([3.0, -2.0]).view(2, 1, 1, 1))
+        layer.weight.fill_(1.0)
+    kernel = layer.kernel()[0, 0]
+    row, column = divmod(int(kernel.argmax()), kernel.shape[1])
+    assert (column - 11 // 2, row - 9 // 2) == (3, -2)
