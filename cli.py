@@ -357,7 +357,11 @@ def convert_command(
     num_classes: int = NUM_CLASSES,
     dcls: bool = DCLS,
     output: Path | None = typer.Option(None, "-o", "--output", help="Checkpoint (default: NAME_dcls.safetensors)."),
-    pretrained: Path | None = typer.Option(None, help="Local timm weights (e.g. ImageNet) to start from."),
+    pretrained: Path | None = typer.Option(
+        None,
+        help="Local weights of the timm model (e.g. ImageNet: .safetensors, .pth, .bin) to start from, loaded as "
+        "`dclsify import --model timm:NAME` loads them (the stem adapted, a report of what went where).",
+    ),
 ) -> None:
     """Rewrite a timm model into an audio tagger and save it as a self-describing checkpoint."""
     import torch
@@ -395,6 +399,9 @@ def convert_command(
     console.print(f"stem: {report.stem or 'kept'}; classifier: {f'{num_classes} classes' if num_classes else 'kept'}")
     console.print(f"parameters: {report.parameters_before:,} before, {count_parameters(rewritten):,} after")
     console.print(f"output on {tuple(example.shape)}: {output_shape}")
+    if pretrained is not None:
+        console.print(f"{pretrained}: {rewritten.dclsify.source}'s weights", markup=False)
+        _print_import_report(rewritten.imported)
     name = model.rsplit(":", 1)[-1]  # the timm name, or a file: source's factory
     path = output or Path(f"{name}_{'dcls' if dcls else 'dsc'}.safetensors")
     try:
@@ -456,7 +463,19 @@ def import_command(
     report = imported.imported
     described = "" if report.model not in PAPER_MODELS else f" ({PAPER_MODELS[report.model].source})"
     console.print(f"{checkpoint}: {report.model}{described}", markup=False)
-    console.print(f"loaded {len(report.loaded)} tensors as they are", markup=False)
+    _print_import_report(report)
+    try:
+        _or_fail(save, imported, output, imported.class_names, imported.audio, imported.multi_label)
+    except OSError as error:
+        fail(f"cannot write {output}: {error.strerror or error}")
+    console.print(f"wrote {output}", markup=False)
+
+
+def _print_import_report(report) -> None:
+    """What an import did (:class:`~dclsify.surgery.importer.ImportReport`): tensors loaded, then
+    those adapted, dropped or initialised by reason, and each one that does not fit by name."""
+    adapted = {key for key, _ in report.adapted}
+    console.print(f"loaded {sum(key not in adapted for key in report.loaded)} tensors as they are", markup=False)
     table = Table(**COMPACT)
     for heading in ("", "why", "tensors"):
         table.add_column(heading)
@@ -470,11 +489,6 @@ def import_command(
         table.add_row("[red]does not fit[/]", escape(why), escape(key))
     if table.row_count:
         print_table(table)
-    try:
-        _or_fail(save, imported, output, imported.class_names, imported.audio, imported.multi_label)
-    except OSError as error:
-        fail(f"cannot write {output}: {error.strerror or error}")
-    console.print(f"wrote {output}", markup=False)
 
 
 @app.command("diff")

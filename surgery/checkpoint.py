@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib.util
 import json
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,6 +73,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary file beside ``path`` to write; it replaces ``path`` when the block
     succeeds and disappears when it fails, so ``path`` is never half-written."""
     path = Path(path)
+    existing = next(folder for folder in (path.parent, *path.parent.parents) if folder.exists())
+    if not existing.is_dir():  # mkdir would say "File exists"
+        raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file, not a folder", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
@@ -164,15 +169,23 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         # torch's weights-only unpickler stops, running nothing, at the first thing that is not plain data
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         reason = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "")
-        if "GLOBAL" not in reason:
-            raise CheckpointError(f"{path} is not a readable PyTorch weights file ({reason})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", reason)
+        if found is None:
+            raise CheckpointError(f"{path} is not a readable PyTorch weights file ({reason[:200]})") from None
         raise CheckpointError(
             f"{path} holds pickled Python objects, not only tensors, and unpickling them could run code: "
-            f"refused ({reason}); if you trust it, load it yourself and save its state dict with safetensors"
+            f"refused (the first: {found.group(1)}); if you trust the file, load it yourself and save its "
+            "state dict with safetensors"
         ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as error:
-        detail = " ".join(str(error).split())[:200] or type(error).__name__
-        raise CheckpointError(f"{path} is not a readable PyTorch weights file ({detail})") from None
+    except Exception as error:  # noqa: BLE001 - what torch's unpickler raises on damaged bytes (even a KeyError)
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path} is empty (0 bytes): not a PyTorch weights file") from None
+        # torch's first sentence says what failed; the rest is advice about its own format
+        detail = " ".join(str(error).split()).split(". ")[0][:200]
+        detail = detail if isinstance(error, RuntimeError) else f"{type(error).__name__}: {detail}"
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch weights file, truncated or damaged? ({detail})"
+        ) from None
     if isinstance(loaded, dict):
         loaded = next((loaded[k] for k in ("state_dict", "model") if isinstance(loaded.get(k), dict)), loaded)
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
@@ -198,6 +211,9 @@ def _unreadable(path: Path, error: Exception) -> CheckpointError:
         header = file.read(min(header_length, size))
     if size == 0:
         reason = "it is empty (0 bytes)"
+    elif header_length.to_bytes(8, "little")[:4] == b"PK\x03\x04" or header_length & 0xFF == 0x80:
+        # a zip archive or a pickle: what torch.save writes
+        reason = "it is a PyTorch (torch.save) file; `dclsify import` makes a dclsify checkpoint of foreign weights"
     elif size < 8:
         reason = f"it is {size} bytes long, too short to hold a header"
     elif header_length > size - 8:
@@ -226,56 +242,51 @@ def timm_name(source: str) -> str:
     return name
 
 
-def create_source(source: str, pretrained: str | os.PathLike | None = None, **model_kwargs) -> nn.Module:
-    """The model a source names: ``timm:NAME`` (or a bare timm name), or ``file:PATH.py:FACTORY``
-    (``FACTORY(**model_kwargs)`` from a Python file).
-
-    Nothing is downloaded: a timm model starts from random weights, or from ``pretrained``,
-    a local weights file (.safetensors, .pth or .bin, as timm publishes them, read by
-    :func:`read_state_dict`: tensors only).
-    """
+def create_source(source: str, **model_kwargs) -> nn.Module:
+    """The model a source names, with random weights: ``timm:NAME`` (or a bare timm name),
+    or ``file:PATH.py:FACTORY`` (``FACTORY(**model_kwargs)`` from a Python file). Nothing is downloaded."""
     import timm
 
     if source.startswith("file:"):
-        if pretrained is not None:
-            raise SurgeryError("pretrained= is for timm models: a file: factory loads its own weights")
         return _from_file(source, **model_kwargs)
     if Path(source).is_file():
         raise SurgeryError(
             f"{source} is a file, not a model name: use timm:NAME or file:PATH.py:FACTORY (a dclsify "
             "checkpoint is read with dclsify.load, and `dclsify diff` compares it with its source)"
         )
-    name = timm_name(source)
-    if pretrained is None:
-        return timm.create_model(name, pretrained=False, **model_kwargs)
-    if not Path(pretrained).is_file():
-        raise SurgeryError(f"no such weights file: {pretrained}")
-    # timm is handed the tensors, not the file: it never unpickles anything itself
-    overlay = {"state_dict": read_state_dict(pretrained)}
-    try:
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **model_kwargs)
-    except (RuntimeError, ValueError, KeyError) as error:
-        detail = " ".join(str(error).split()) or type(error).__name__
-        detail = detail if len(detail) <= 300 else detail[:300] + "..."
-        raise SurgeryError(f"{pretrained} does not fit timm's {name}: {detail}") from None
-    model.pretrained_cfg.pop("state_dict", None)  # timm keeps the overlay: every copy of the model would carry it
-    return model
+    return timm.create_model(timm_name(source), pretrained=False, **model_kwargs)
 
 
 def convert(
     source: str, model_kwargs: dict | None = None, pretrained: str | os.PathLike | None = None, **rewrite_args
 ) -> nn.Module:
-    """``rewrite(create_source(source, pretrained))``, remembering the source so that
-    :func:`save` can describe it (the weights themselves travel in the checkpoint).
+    """``rewrite(create_source(source))``, remembering the source so that :func:`save` can
+    describe it (the weights themselves travel in the checkpoint).
 
     ``model_kwargs`` are those :func:`check_model_kwargs` allows: what a checkpoint may record.
+    ``pretrained`` is a local file of the timm model's weights (e.g. ImageNet: .safetensors,
+    .pth or .bin, read tensors-only by :func:`read_state_dict`), loaded into the rewritten
+    model as ``dclsify import --model timm:NAME`` does it
+    (:func:`~dclsify.surgery.importer.load_timm_weights`: the RGB stem adapted to the audio
+    stem, the head and the new Dcls2d layers started afresh); the model's ``imported`` says
+    what went where. A file with any tensor that no rule explains is refused
+    (:func:`~dclsify.import_checkpoint` is lenient unless ``strict``).
     """
+    from .importer import ImportReport, check_strict, load_timm_weights
+
     model_kwargs = dict(model_kwargs or {})
     check_model_kwargs(source, model_kwargs)
-    model = rewrite(create_source(source, pretrained, **model_kwargs), **rewrite_args)
+    if pretrained is not None and code_path(source) is not None:
+        raise SurgeryError("pretrained= is for timm models: a file: factory loads its own weights")
+    state_dict = None if pretrained is None else read_state_dict(pretrained)  # a bad file fails before any build
+    model = rewrite(create_source(source, **model_kwargs), **rewrite_args)
     model.dclsify.source = source if source.startswith(("timm:", "file:")) else f"timm:{source}"
     model.dclsify.model_kwargs = model_kwargs
     model.dclsify.pretrained = None if pretrained is None else str(pretrained)
+    if state_dict is not None:
+        model.imported = ImportReport(str(pretrained), model.dclsify.source)
+        load_timm_weights(model, state_dict, model.imported)
+        check_strict(model.imported, strict=True)
     return model
 
 

@@ -4,6 +4,7 @@ A foreign state dict goes through its family's mapping (``checkpoint_filter_fn``
 ``backbones/<family>.py`` for the DCLS-Audio layout; timm's own filter for timm weights)
 onto the keys of our rewritten timm model, then :func:`load_mapped` copies what fits and
 writes down, by name, everything it adapted, dropped or left as initialised.
+:func:`load_timm_weights` is also what ``convert(..., pretrained=FILE)`` loads timm weights with.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from ..backbones import family_of
+from ..backbones.registry import map_key_by_key
 from .checkpoint import CheckpointError, convert, read_state_dict
 from .rewrite import RewriteConfig, SurgeryError
 
@@ -102,6 +104,7 @@ def load_mapped(
     ``expected_dropped`` (file key -> why) are tensors meant to be left out: both are
     reported, not counted as problems. A tensor shared by several layers of the model must
     be the same under each of their keys in the file; where it is not, the first is kept.
+    A file none of whose tensors fit is refused: it holds another model's weights.
     """
     expected_new, expected_dropped = expected_new or {}, expected_dropped or {}
     own = model.state_dict()
@@ -133,9 +136,15 @@ def load_mapped(
         for key, tensor in values.items():
             own[key].copy_(tensor)  # state_dict() tensors share storage with the model's
     report.loaded = sorted(values)
+    if mapped and not values:
+        examples = "; ".join(f"{key}: {why}" for key, why in report.problems[:2])
+        raise CheckpointError(
+            f"{report.path}: none of its tensors fit {report.model} ({examples}): is it another model's file?"
+        )
 
 
-def _check_strict(report: ImportReport, strict: bool) -> None:
+def check_strict(report: ImportReport, strict: bool) -> None:
+    """With ``strict``, refuse (one error naming the first few) a file with any tensor no rule explains."""
     if strict and report.problems:
         listed = "; ".join(f"{key}: {why}" for key, why in report.problems[:3])
         more = f" and {len(report.problems) - 3} more" if len(report.problems) > 3 else ""
@@ -166,30 +175,30 @@ def _mapped(filter_fn, state_dict, model: nn.Module, report: ImportReport) -> di
         ) from None
 
 
-def import_timm_weights(
-    state_dict: dict[str, torch.Tensor],
-    source: str,
-    report: ImportReport,
-    stem: str = "adapt",
-    num_classes: int = PAPER_CLASSES,
-    **rewrite_args,
-) -> nn.Module:
-    """ImageNet weights of a timm model in its audio rewrite: timm's own filter maps them
-    (original repositories' layouts included); the RGB stem is summed over its colours and
-    resized to the audio stem's kernel (``stem="adapt"``) or started afresh (``"init"``);
-    the ImageNet head is dropped; layers that became Dcls2d start afresh."""
+def load_timm_weights(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], report: ImportReport, stem: str = "adapt"
+) -> None:
+    """Load a timm model's (ImageNet) weights into ``model``, its audio rewrite (made by
+    :func:`~dclsify.surgery.checkpoint.convert`), recording in ``report`` what went where.
+
+    timm's own filter maps them (original repositories' layouts included); the RGB stem is
+    adapted to the audio stem's input channels (summed over its colours for one) and resized
+    to its kernel (``stem="adapt"``) or started afresh (``"init"``); a head of another size
+    is dropped for the new one; layers that became Dcls2d start afresh.
+    """
     from timm.layers import resample_patch_embed
+    from timm.models import adapt_input_conv
 
     if stem not in STEM_MODES:
         raise CheckpointError(f"stem must be one of {STEM_MODES}, got {stem!r}")
-    model = convert(source, {}, num_classes=num_classes, **rewrite_args)
     timm_filter = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-    mapped = _mapped(timm_filter, state_dict, model, report) if timm_filter else dict(state_dict)
+    mapped = _mapped(_whole_or_key_by_key(timm_filter), state_dict, model, report) if timm_filter else dict(state_dict)
     own = model.state_dict()
     expected_new, expected_dropped = {}, {}
 
     head = _prefix(model, model.get_classifier())
-    expected_new.update({key: f"the new head ({num_classes} classes)" for key in own if key.startswith(head)})
+    classes = getattr(model, "num_classes", "?")
+    expected_new.update({key: f"the new head ({classes} classes)" for key in own if key.startswith(head)})
     expected_dropped.update({key: "the ImageNet head" for key in _misfits(mapped, own, head)})
     for replacement in model.dclsify.replaced:
         prefix = replacement.name + "."
@@ -200,12 +209,16 @@ def import_timm_weights(
     if stem_name is not None:
         stem_key = f"{stem_name}.weight"
         rgb = mapped.get(stem_key)
-        if stem == "adapt" and rgb is not None and rgb.ndim == 4:
-            size = own[stem_key].shape[-2:]
-            # timm's resize of patch-embedding kernels (FlexiViT's pseudo-inverse resize)
-            mapped[stem_key] = resample_patch_embed(rgb.sum(1, keepdim=True), list(size), verbose=False)
-            how = f"summed over its {rgb.shape[1]} input channels, resized {_by(rgb.shape[-2:])} -> {_by(size)}"
-            report.adapted.append((stem_key, how))
+        if stem == "adapt" and rgb is not None and rgb.ndim == 4 and stem_key in own:
+            channels, size = own[stem_key].shape[1], own[stem_key].shape[-2:]
+            # timm's own adaptations: of the input channels, and of a patch embedding's kernel (FlexiViT's resize)
+            adapted = adapt_input_conv(channels, rgb)
+            mapped[stem_key] = resample_patch_embed(adapted, list(size), verbose=False)
+            how = [f"resized {_by(rgb.shape[-2:])} -> {_by(size)}"]
+            if rgb.shape[1] != channels:
+                summed = f"summed over its {rgb.shape[1]} input channels"
+                how.insert(0, summed if channels == 1 else f"its {rgb.shape[1]} input channels made {channels}")
+            report.adapted.append((stem_key, ", ".join(how)))
             for key in mapped:
                 if key.startswith(stem_name + ".") and key not in own:
                     expected_dropped[key] = f"the RGB stem's {key.rpartition('.')[2]}: the audio stem has none"
@@ -215,7 +228,19 @@ def import_timm_weights(
             expected_new.update({key: why for key in own if key.startswith(stem_name + ".")})
             expected_dropped.update({key: "the RGB stem" for key in mapped if key.startswith(stem_name + ".")})
     load_mapped(model, mapped, report, expected_new, expected_dropped)
-    return model
+
+
+def _whole_or_key_by_key(timm_filter):
+    """timm's filter, or where it fails on a file (a layout it does not know: another model's),
+    the same filter one key at a time, so that each key it cannot place is reported by name."""
+
+    def filter_fn(state_dict, model):
+        try:
+            return timm_filter(state_dict, model)
+        except Exception:  # noqa: BLE001 - the filter's own error, about a layout it does not know
+            return map_key_by_key(timm_filter, state_dict, model)
+
+    return filter_fn
 
 
 def _misfits(tensors: dict, other: dict, prefix: str) -> list[str]:
@@ -256,6 +281,8 @@ def import_checkpoint(
     from dclsify.pipeline.frontend import AudioConfig
     from dclsify.pipeline.sources import audioset_classes
 
+    if stem not in STEM_MODES:
+        raise CheckpointError(f"stem must be one of {STEM_MODES}, got {stem!r}")
     path = Path(path)
     state_dict = read_state_dict(path)
     if model is None:
@@ -286,11 +313,12 @@ def import_checkpoint(
             result.class_names = [c.name for c in audioset_classes()]
             result.audio, result.multi_label = AudioConfig(), True
         else:
-            result = import_timm_weights(state_dict, model, report, stem, num_classes, **rewrite_args)
+            result = convert(model, {}, num_classes=num_classes, **rewrite_args)
+            load_timm_weights(result, state_dict, report, stem)
             result.class_names = result.audio = result.multi_label = None
     except SurgeryError as error:
         raise CheckpointError(str(error)) from None
-    _check_strict(report, strict)
+    check_strict(report, strict)
     result.dclsify.pretrained = str(path)  # provenance, recorded by save()
     result.imported = report
     return result

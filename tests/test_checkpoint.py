@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dclsify import CheckpointError, Dcls2d, __version__, convert, load, save
+from dclsify import CheckpointError, Dcls2d, SurgeryError, __version__, convert, load, save
 from dclsify.surgery import checkpoint
 
 
@@ -109,28 +109,39 @@ def test_models_from_a_python_file_round_trip(tmp_path):
 
 
 def test_starting_from_local_pretrained_weights(tmp_path):
+    """convert(pretrained=) loads timm weights as `dclsify import --model timm:NAME` does: the RGB stem
+    becomes the audio stem (it used to start random), a report says so, and the file is recorded."""
     import timm
     from safetensors.torch import save_file
+    from timm.layers import resample_patch_embed
 
     torch.manual_seed(7)
     imagenet = timm.create_model("convnext_atto")
     weights = {k: v.contiguous() for k, v in imagenet.state_dict().items()}
+    audio_stem = resample_patch_embed(weights["stem.0.weight"].sum(1, keepdim=True), [2, 16])
+    kept = "stages.1.blocks.0.mlp.fc1.weight"
     for suffix, write in ((".safetensors", save_file), (".pth", torch.save)):
         path = tmp_path / f"atto{suffix}"
         write(weights, path)
         model = convert("timm:convnext_atto", pretrained=path, num_classes=5)
-        kept = "stages.1.blocks.0.mlp.fc1.weight"
         assert torch.equal(model.state_dict()[kept], weights[kept])  # what the rewrite keeps, it keeps trained
+        torch.testing.assert_close(model.state_dict()["stem.0.weight"], audio_stem)
+        assert model.imported.adapted == [("stem.0.weight", "summed over its 3 input channels, resized 4x4 -> 2x16")]
+        assert model.imported.problems == [] and dict(model.imported.dropped)["head.fc.weight"] == "the ImageNet head"
         assert model.dclsify.pretrained == str(path) and "state_dict" not in model.pretrained_cfg
     saved = save(model, tmp_path / "tagger.safetensors")
     assert checkpoint.read_metadata(saved)["pretrained"] == str(path)
-    torch.testing.assert_close(load(saved).state_dict()[kept], weights[kept])  # from the checkpoint itself
+    rebuilt = load(saved).state_dict()  # from the checkpoint itself
+    torch.testing.assert_close(rebuilt[kept], weights[kept])
+    torch.testing.assert_close(rebuilt["stem.0.weight"], audio_stem)
     partial = tmp_path / "partial.safetensors"
     save_file({k: v for k, v in weights.items() if not k.startswith("stages.3")}, partial)
-    with pytest.raises(Exception, match=r"partial.safetensors does not fit timm's convnext_atto: .*Missing key"):
+    with pytest.raises(CheckpointError, match=r"partial.safetensors: 18 tensors do not fit timm:convnext_atto: "):
         convert("timm:convnext_atto", pretrained=partial)
-    with pytest.raises(Exception, match="no such weights file"):
+    with pytest.raises(CheckpointError, match="no such weights file"):
         convert("timm:convnext_atto", pretrained=tmp_path / "missing.pth")
+    with pytest.raises(SurgeryError, match="pretrained= is for timm models"):
+        convert("file:/nowhere.py:build", pretrained=path)
 
 
 def test_baked_models_load_baked_and_mixed_ones_are_refused(model, tmp_path):
@@ -358,3 +369,16 @@ def test_read_state_dict_takes_tensors_only(tmp_path):
     (tmp_path / "text.bin").write_text("not weights")
     with pytest.raises(CheckpointError, match="text.bin is not a readable PyTorch weights file"):
         checkpoint.read_state_dict(tmp_path / "text.bin")
+    (tmp_path / "hello.bin").write_text("hello")  # torch's unpickler raised a bare KeyError on these bytes
+    with pytest.raises(CheckpointError, match=r"hello.bin is not a readable PyTorch .* damaged\? \(KeyError"):
+        checkpoint.read_state_dict(tmp_path / "hello.bin")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty.pth is empty \(0 bytes\)"):
+        checkpoint.read_state_dict(tmp_path / "empty.pth")
+    torch.save(weights, tmp_path / "whole.pth")
+    data = (tmp_path / "whole.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        CheckpointError, match=r"cut.pth .* truncated or damaged\? \(PytorchStreamReader .*directory\)$"
+    ):
+        checkpoint.read_state_dict(tmp_path / "cut.pth")  # torch's first sentence, not its advice cut short

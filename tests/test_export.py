@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+import soundfile
 import torch
 from rich.console import Console
 from safetensors import safe_open
@@ -18,6 +19,7 @@ from dclsify import CheckpointError, Dcls2d, LargeKernelConv2d, cli, convert, lo
 from dclsify.cli import app
 from dclsify.pipeline.frontend import AudioConfig, LogMel
 from dclsify.pipeline.predict import Tagger
+from dclsify.pipeline.synth import make_clip
 from dclsify.surgery import export as export_module
 from dclsify.surgery.checkpoint import read_metadata
 from dclsify.surgery.export import ExportError, export
@@ -120,7 +122,7 @@ def test_onnx_with_the_frontend_takes_waveforms(original, model, tmp_path):
     assert props["input"].startswith("waveform (batch, 4000): float32 mono waveforms of 0.5 s at 8000 Hz")
 
 
-def test_torchscript_with_the_frontend_from_a_model(model, tmp_path):
+def test_torchscript_with_the_frontend_from_a_model(original, model, tmp_path):
     report = export(model, tmp_path / "tiny.pt", "torchscript", with_frontend=True)  # a model, not a file
     assert report.max_abs_diff <= 1e-4 and report.input_name == "waveform"
     assert any(isinstance(m, Dcls2d) for m in model.modules())  # the caller's model is left as it was
@@ -130,6 +132,14 @@ def test_torchscript_with_the_frontend_from_a_model(model, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(scripted(sounds), logits(model, LogMel(AUDIO)(sounds)), rtol=0, atol=1e-4)
     assert json.loads(json.loads(extra["dclsify.json"])["class_names"]) == CLASSES
+    # a synthesized clip, as a sound file: the export's scores are those `dclsify predict` gives it
+    clip, _ = make_clip(0, "eval", 3, seconds=AUDIO.seconds, sample_rate=AUDIO.sample_rate)
+    soundfile.write(tmp_path / "clip.wav", clip, AUDIO.sample_rate, subtype="PCM_16")
+    predicted = Tagger(original)(tmp_path / "clip.wav").scores
+    with torch.no_grad():
+        exported = scripted(torch.from_numpy(clip / 32768).float()[None]).softmax(-1)[0]  # single-label
+    assert predicted.max() - predicted.min() > 0.05  # scores that tell the classes apart
+    np.testing.assert_allclose(exported.numpy(), predicted, rtol=0, atol=1e-5)
 
 
 def test_what_cannot_be_exported_is_one_clear_error_and_no_file(original, tmp_path, monkeypatch):
@@ -146,10 +156,17 @@ def test_what_cannot_be_exported_is_one_clear_error_and_no_file(original, tmp_pa
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match="notes.txt is not a readable safetensors file"):
         export(tmp_path / "notes.txt", out, "torchscript")
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the extra were not installed
-    with pytest.raises(ExportError, match=r"needs onnxruntime \(not installed\): pip install 'dclsify\[onnx\]'"):
-        export(original, out, "onnx")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    torch.save({"w": torch.ones(1)}, tmp_path / "weights.pth")
+    with pytest.raises(CheckpointError, match=r"weights.pth .*: it is a PyTorch \(torch.save\) file; `dclsify import`"):
+        export(tmp_path / "weights.pth", out, "dense")
+    with pytest.raises(NotADirectoryError, match="notes.txt is a file, not a folder"):
+        export(original, tmp_path / "notes.txt" / "model.onnx", "torchscript")
+    for module in ("onnx", "onnxruntime", "onnxscript"):  # as if the extra were not installed
+        with monkeypatch.context() as hidden:
+            hidden.setitem(sys.modules, module, None)
+            with pytest.raises(ExportError, match=rf"needs {module} \(not installed\): pip install 'dclsify\[onnx\]'"):
+                export(original, out, "onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "weights.pth"]
 
 
 def spoiled(plain_convolutions):
@@ -186,4 +203,7 @@ def test_export_command(original, model, tmp_path, monkeypatch):
     assert "ONNX export needs onnxscript (not installed): pip install 'dclsify[onnx]'" in result.output
     result = runner.invoke(app, ["export", str(original), "-o", str(out), "--format", "tflite"])
     assert result.exit_code == 2 and "must be dense, onnx or torchscript" in result.output
+    result = runner.invoke(app, ["export", str(original), "-o", str(original / "tiny.pt"), "--format", "torchscript"])
+    assert result.exit_code == 1
+    assert f"error: cannot write {original / 'tiny.pt'}: {original} is a file, not a folder" in result.output
     assert list(tmp_path.iterdir()) == []

@@ -207,11 +207,25 @@ def test_model_named_and_files_refused(tmp_path):
         dclsify.import_checkpoint(tmp_path / "dsc.pth", kernel=17, stem="init")
     result = CliRunner().invoke(app, ["import", str(tmp_path / "dsc.pth"), "-o", str(tmp_path)])
     assert result.exit_code == 1 and "is a folder" in " ".join(result.output.split())
+    out = tmp_path / "dsc.pth" / "x.safetensors"  # a file where a folder should be: mkdir said "File exists"
+    result = CliRunner().invoke(app, ["import", str(tmp_path / "dsc.pth"), "-o", str(out)])
+    assert result.exit_code == 1 and "dsc.pth is a file, not a folder" in " ".join(result.output.split())
     with pytest.raises(CheckpointError, match="unknown model 'convnext'"):
         dclsify.import_checkpoint(tmp_path / "dsc.pth", model="convnext")
+    # another model's file: nothing fits, refused whatever --strict says (it used to write an untrained model)
+    other = {"conv1.weight": torch.ones(64, 3, 7, 7), "fc.weight": torch.ones(1000, 512)}  # resnet's names
+    torch.save(other, tmp_path / "resnet.pth")
+    for named in ("convnext_dcls_audio_tiny", "timm:convnext_atto"):  # timm's own filter failed on fc.weight
+        written = tmp_path / "resnet.safetensors"
+        result = CliRunner().invoke(app, ["import", str(tmp_path / "resnet.pth"), "--model", named, "-o", str(written)])
+        assert result.exit_code == 1 and result.output.startswith("error:") and "Traceback" not in result.output
+        assert f"resnet.pth: none of its tensors fit {named} (conv1.weight: in the file, but the model has no such" in (
+            " ".join(result.output.split())
+        )
+        assert not written.exists()
     # a training script's arguments beside the weights: unpickling them would run argparse's code
     torch.save({"model": state_dict, "args": argparse.Namespace(lr=4e-3)}, tmp_path / "pickled.pth")
-    with pytest.raises(CheckpointError, match="pickled Python objects"):
+    with pytest.raises(CheckpointError, match=r"pickled Python objects.*refused \(the first: argparse.Namespace\)"):
         dclsify.import_checkpoint(tmp_path / "pickled.pth")
 
 
@@ -263,6 +277,15 @@ def test_the_rgb_stem_is_summed_over_colours_then_resized(tmp_path):
     assert cancelled.state_dict()["stem.0.weight"].abs().max() == 0
 
 
+def test_imagenet_stem_for_three_input_channels_keeps_its_colours(imagenet_convnext):
+    weights, path = imagenet_convnext  # summed to one channel, it did not fit a 3-channel audio stem
+    model = dclsify.import_checkpoint(path, model="timm:convnext_atto", strict=True, in_chans=3)
+    assert model.imported.adapted == [("stem.0.weight", "resized 4x4 -> 2x16")]
+    torch.testing.assert_close(
+        model.state_dict()["stem.0.weight"], resample_patch_embed(weights["stem.0.weight"], [2, 16])
+    )
+
+
 def test_imagenet_weights_into_the_dsc_twin_and_a_fresh_stem(imagenet_convnext):
     weights, path = imagenet_convnext
     model = dclsify.import_checkpoint(path, model="timm:convnext_atto", stem="init", dcls=False)
@@ -283,3 +306,24 @@ def test_import_command_reports_timm_weights(imagenet_convnext, tmp_path):
     assert rows.count("adapted") == 1 and rows.count("dropped") == 2 and rows.count("initialised") == 2
     assert "stem.0.weight" in result.output and "(12 each)" in result.output
     assert dclsify.load(out).class_names is None and read_metadata(out)["pretrained"] == str(path)
+
+
+def test_convert_pretrained_is_the_import_of_timm_weights(imagenet_convnext, tmp_path):
+    """`convert --pretrained` and `import --model timm:NAME` are one path: the same weights, the same report."""
+    _, path = imagenet_convnext
+    converted, imported = tmp_path / "converted.safetensors", tmp_path / "imported.safetensors"
+    args = ["--model", "timm:convnext_atto", "--num-classes", "10", "--kernel", "9", "--count", "5"]
+    result = CliRunner().invoke(app, ["import", str(path), "-o", str(imported), *args])
+    assert result.exit_code == 0, result.output
+    report = result.output[result.output.index("loaded") : result.output.index("wrote")]
+    args = ["timm:convnext_atto", "--pretrained", str(path), "--num-classes", "10", "--kernel", "9", "--count", "5"]
+    result = CliRunner().invoke(app, ["convert", *args, "-o", str(converted)])
+    assert result.exit_code == 0, result.output
+    assert f"{path}: timm:convnext_atto's weights" in " ".join(result.output.split())
+    assert report in result.output and "summed over its 3 input" in report and "the ImageNet head" in report
+    ours, theirs = dclsify.load(converted).state_dict(), dclsify.load(imported).state_dict()
+    fresh = ("conv_dw.weight", "conv_dw.P", "conv_dw.SIG", "head.fc.weight", "head.fc.bias")  # Dcls2d, head
+    loaded = [k for k in ours if not k.endswith(fresh)]
+    assert len(loaded) == 114 and all(torch.equal(ours[k], theirs[k]) for k in loaded)
+    assert "loaded 113 tensors as they are" in report  # and the stem, adapted
+    assert read_metadata(converted)["pretrained"] == read_metadata(imported)["pretrained"] == str(path)
