@@ -200,6 +200,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise _unreadable(path, error) from None
 
 
+TORCH_PICKLES = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))  # a pickle's first two bytes
+
+
 def _unreadable(path: Path, error: Exception) -> CheckpointError:
     """What is wrong with a file safetensors cannot read, in words (the format: 8 bytes giving
     the JSON header's length, the header, then the tensors' bytes)."""
@@ -211,7 +214,7 @@ def _unreadable(path: Path, error: Exception) -> CheckpointError:
         header = file.read(min(header_length, size))
     if size == 0:
         reason = "it is empty (0 bytes)"
-    elif header_length.to_bytes(8, "little")[:4] == b"PK\x03\x04" or header_length & 0xFF == 0x80:
+    elif (start := header_length.to_bytes(8, "little"))[:4] == b"PK\x03\x04" or start[:2] in TORCH_PICKLES:
         # a zip archive or a pickle: what torch.save writes
         reason = "it is a PyTorch (torch.save) file; `dclsify import` makes a dclsify checkpoint of foreign weights"
     elif size < 8:
