@@ -897,7 +897,9 @@ def predict_command(
     threshold: float | None = typer.Option(None, help="Show only labels scoring at least this."),
     pooling: str = typer.Option("max", help="Pool the windows of a long sound by max or mean."),
     hop: float | None = typer.Option(None, help="Seconds between windows of a long sound (default: half a clip)."),
-    json_lines: bool = typer.Option(False, "--json", help="One JSON object per sound, for machines."),
+    json_lines: bool = typer.Option(
+        False, "--json", help='One JSON object per sound, for machines ({"source", "error"} for one not read).'
+    ),
     device: str = typer.Option("auto", help="auto (cuda where torch sees a GPU), cpu, cuda, cuda:1, ..."),
     trust_code: bool = typer.Option(False, "--trust-code", help="Allow a file: model source to run its Python file."),
 ) -> None:
@@ -905,23 +907,26 @@ def predict_command(
     from rich.progress import Progress
 
     from dclsify.pipeline.predict import Tagger, audio_files
+    from dclsify.pipeline.sources import AUDIO_EXTENSIONS
     from dclsify.surgery.checkpoint import CheckpointError
 
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    _check_device(device)
+    if device != "auto":
+        _check_device(device)
     try:
         tagger = Tagger(checkpoint, device, pooling, hop, trust_code=trust_code)
     except (CheckpointError, ValueError) as error:
         fail(str(error))
     paths = audio_files(sounds)
+    if not paths:
+        fail(f"no sound files ({', '.join(AUDIO_EXTENSIONS)}) in {', '.join(map(str, sounds))}")
     failures, results = [], []
-    with Progress(console=console, transient=True, disable=len(paths) < 2 or json_lines) as bar:
+    quiet = len(paths) < 2 or json_lines or not console.is_terminal  # a bar in piped output is a stray line
+    with Progress(console=console, transient=True, disable=quiet) as bar:
         for outcome in bar.track(tagger.predict_files(paths), total=len(paths), description="tagging"):
             if isinstance(outcome, tuple):
                 failures.append(outcome)
+                if json_lines:  # on stdout, as JSON too: each line of the output parses
+                    typer.echo(json.dumps({"source": outcome[0], "error": outcome[1]}))
             elif json_lines:
                 typer.echo(json.dumps(outcome.as_dict(top_k, threshold)))
             else:
@@ -936,9 +941,12 @@ def predict_command(
                 name = escape(prediction.source) if rank == 0 else ""
                 table.add_row(name, escape(label), "" if score != score else f"{score:.3f}")
         print_table(table)
-    for path, reason in failures:
-        console.print(f"[yellow]warning:[/] {escape(path)}: {escape(reason)}", soft_wrap=True)
-    if failures and len(failures) == len(paths):
+    if not json_lines:
+        for path, reason in failures:
+            console.print(f"[yellow]warning:[/] {escape(path)}: {escape(reason)}", soft_wrap=True)
+    if len(failures) == len(paths):
+        if json_lines:
+            raise typer.Exit(1)  # the reasons are in the output, one JSON line each
         fail("no sound could be read")
 
 

@@ -4,11 +4,14 @@ A file of any format, rate and length is decoded, mixed to mono and resampled to
 rate the model was trained at; it is cut into windows of the model's clip length (a hop
 apart, the last one flush with the end; a shorter sound is one zero-padded window), each
 window is scored (sigmoids, or a softmax for a single-label model) and the windows'
-scores are pooled (max or mean) into the sound's.
+scores are pooled (max or mean) into the sound's. Windows are scored in batches, across
+files too (a folder of clips each one window long still fills the batches), on the GPU
+where torch sees one.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -25,16 +28,21 @@ POOLINGS = ("max", "mean")
 
 @dataclass
 class Prediction:
-    """The scores of one sound: ``scores`` (one per class, pooled over ``windows`` windows)."""
+    """The scores of one sound: ``scores`` (one per class), pooled over its ``windows`` windows,
+    which start at ``window_starts`` (seconds) and score ``window_scores`` (windows x classes)."""
 
     source: str
     seconds: float
     windows: int
     scores: np.ndarray
     class_names: list[str]
+    window_starts: np.ndarray
+    window_scores: np.ndarray
 
     def top(self, k: int = 5, threshold: float | None = None) -> list[tuple[str, float]]:
         """The ``k`` best (class name, score) pairs, those at least ``threshold`` if given."""
+        if k < 0:
+            raise ValueError(f"k must be at least 0, got {k}")
         order = np.argsort(-self.scores, kind="stable")[:k]
         return [
             (self.class_names[i], float(self.scores[i]))
@@ -64,12 +72,13 @@ class Tagger:
     ``Tagger("best.safetensors")("dog.wav").top(5)``, or with a waveform:
     ``tagger(tensor, sample_rate=44100)``. The clip length, sample rate, log-mel settings
     and class names come from the checkpoint; the model's Dcls2d kernels are baked once.
+    ``device="auto"`` (the default) is the first CUDA device where torch sees one, else the CPU.
     """
 
     def __init__(
         self,
         checkpoint: str | os.PathLike,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "auto",
         pooling: str = "max",
         hop_seconds: float | None = None,
         batch_size: int = 16,
@@ -80,6 +89,10 @@ class Tagger:
 
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         model = load(checkpoint, device=self.device, trust_code=trust_code)
         self.audio: AudioConfig = model.audio or AudioConfig()
@@ -93,42 +106,89 @@ class Tagger:
             raise ValueError(f"the hop must be in (0, {self.audio.seconds:g}] s, got {hop:g}")
         self.hop = max(1, round(hop * self.audio.sample_rate))
 
+    def _cut(self, mono: np.ndarray) -> tuple[torch.Tensor, list[int]]:
+        """``mono`` as int16 (a short sound zero-padded to one clip) and the start of each window in it."""
+        length = self.audio.samples
+        sound = torch.from_numpy(to_clip(mono, max(len(mono), length)))
+        starts = list(range(0, len(sound) - length + 1, self.hop))
+        if starts[-1] + length < len(sound):
+            starts.append(len(sound) - length)  # the last window ends with the sound
+        return sound, starts
+
     def windows(self, mono: np.ndarray) -> torch.Tensor:
         """(windows, samples) int16 clips covering ``mono`` (float, at the model's rate)."""
-        length = self.audio.samples
-        starts = list(range(0, max(len(mono) - length, 0) + 1, self.hop))
-        if len(mono) > length and starts[-1] + length < len(mono):
-            starts.append(len(mono) - length)  # the last window ends with the sound
-        return torch.from_numpy(np.stack([to_clip(mono[start : start + length], length) for start in starts]))
+        sound, starts = self._cut(mono)
+        return torch.stack([sound[start : start + self.audio.samples] for start in starts])
+
+    def mono(self, sound, sample_rate: int | None = None) -> tuple[np.ndarray, str]:
+        """A path or a waveform as float mono at the model's rate, and where it came from.
+
+        A waveform is (samples,), or (channels, samples) or (samples, channels): the shorter
+        axis is taken for the channels. Floats are taken as in [-1, 1], integers as PCM
+        (int16 / 32768, int32 / 2**31)."""
+        if isinstance(sound, (str, os.PathLike)):
+            return read_mono(sound, self.audio.sample_rate), str(sound)
+        if sample_rate is None:
+            raise ValueError("a waveform needs its sample_rate")
+        waveform = torch.as_tensor(sound).detach().cpu()
+        if waveform.dtype in (torch.int16, torch.int32):
+            waveform = waveform.float() / (torch.iinfo(waveform.dtype).max + 1)
+        elif not waveform.is_floating_point():
+            raise ValueError(f"a waveform must be float in [-1, 1], int16 or int32, got {waveform.dtype}")
+        if waveform.ndim == 2:
+            waveform = waveform.mean(int(waveform.shape[0] > waveform.shape[1]))  # average the shorter axis
+        if waveform.ndim != 1 or waveform.numel() == 0:
+            raise ValueError(
+                f"a waveform must be (samples,) or (channels, samples), not empty; got {tuple(waveform.shape)}"
+            )
+        return resample(waveform.float().numpy(), int(sample_rate), self.audio.sample_rate), "<waveform>"
+
+    @torch.inference_mode()
+    def score(self, clips: Iterable[torch.Tensor]) -> torch.Tensor:
+        """int16 clips of the model's length -> (clips, classes) float32 scores on the CPU, ``batch_size`` at a time.
+
+        Only one batch of clips is gathered at a time (the windows of a long sound are views of it)."""
+        clips, scores = iter(clips), []
+        while batch := list(itertools.islice(clips, self.batch_size)):
+            logits = self.model(self.frontend(torch.stack(batch).to(self.device))).float()
+            scores.append(torch.sigmoid(logits) if self.multi_label else logits.softmax(-1))
+        return torch.cat(scores).cpu() if scores else torch.zeros(0, len(self.class_names))  # one wait, at the end
+
+    def _prediction(self, source: str, seconds: float, starts: list[int], scores: torch.Tensor) -> Prediction:
+        pooled = scores.amax(0) if self.pooling == "max" else scores.mean(0)
+        starts = np.array(starts) / self.audio.sample_rate
+        return Prediction(source, seconds, len(scores), pooled.numpy(), self.class_names, starts, scores.numpy())
 
     def __call__(self, sound, sample_rate: int | None = None) -> Prediction:
-        """Scores of a sound: a file path, or a waveform (channels x samples, or samples) with its rate."""
-        if isinstance(sound, (str, os.PathLike)):
-            mono, source = read_mono(sound, self.audio.sample_rate), str(sound)
-        else:
-            if sample_rate is None:
-                raise ValueError("a waveform needs its sample_rate")
-            waveform = torch.as_tensor(sound, dtype=torch.float32)
-            waveform = waveform.mean(0) if waveform.ndim == 2 else waveform
-            mono, source = resample(waveform.numpy(), int(sample_rate), self.audio.sample_rate), "<waveform>"
-        clips = self.windows(mono)
-        scores = []
-        with torch.no_grad():
-            for start in range(0, len(clips), self.batch_size):
-                logits = self.model(self.frontend(clips[start : start + self.batch_size].to(self.device))).float()
-                scores.append(torch.sigmoid(logits) if self.multi_label else logits.softmax(-1))
-        scores = torch.cat(scores)
-        pooled = scores.amax(0) if self.pooling == "max" else scores.mean(0)
-        return Prediction(
-            source, len(mono) / self.audio.sample_rate, len(clips), pooled.cpu().numpy(), self.class_names
-        )
+        """Scores of a sound: a file path, or a waveform (see :meth:`mono`) with its rate."""
+        mono, source = self.mono(sound, sample_rate)
+        sound, starts = self._cut(mono)
+        scores = self.score(sound[start : start + self.audio.samples] for start in starts)
+        return self._prediction(source, len(mono) / self.audio.sample_rate, starts, scores)
 
     def predict_files(self, paths: Iterable[str | os.PathLike]) -> Iterator[Prediction | tuple[str, str]]:
-        """A :class:`Prediction` per file, or ``(path, reason)`` for a file that cannot be read."""
+        """A :class:`Prediction` per file, in order, or ``(path, reason)`` for a file that cannot be read.
+
+        The windows of consecutive files share batches: a folder of short clips is scored ``batch_size`` at a time."""
         from .sources import ClipError
+
+        length = self.audio.samples
+        pending: list[tuple[str, float | str, torch.Tensor | None, list[int]]] = []  # path, seconds or reason, cut
+
+        def flush() -> Iterator[Prediction | tuple[str, str]]:
+            clips = (sound[start : start + length] for _, _, sound, starts in pending for start in starts)
+            scores = self.score(clips).split([len(starts) for *_, starts in pending])
+            for (path, seconds, sound, starts), scored in zip(pending, scores, strict=True):
+                yield (path, seconds) if sound is None else self._prediction(path, seconds, starts, scored)
+            pending.clear()
 
         for path in paths:
             try:
-                yield self(path)
+                mono = read_mono(path, self.audio.sample_rate)
             except ClipError as error:
-                yield str(path), str(error)
+                pending.append((str(path), str(error), None, []))
+            else:
+                pending.append((str(path), len(mono) / self.audio.sample_rate, *self._cut(mono)))
+            if sum(len(starts) for *_, starts in pending) >= self.batch_size:
+                yield from flush()
+        yield from flush()

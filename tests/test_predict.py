@@ -14,6 +14,7 @@ from dclsify import cli
 from dclsify.cli import app
 from dclsify.pipeline.predict import Tagger
 from dclsify.pipeline.recipe import load_recipe
+from dclsify.pipeline.sources import to_clip
 from dclsify.pipeline.train import train
 
 runner = CliRunner()
@@ -56,6 +57,64 @@ def test_a_tone_gets_its_label_whatever_its_rate_and_length(tagger_checkpoint, t
         tagger(torch.zeros(100))
 
 
+def test_a_long_sound_is_cut_into_windows_and_an_event_at_its_end_is_found(tagger_checkpoint):
+    tagger = Tagger(tagger_checkpoint, hop_seconds=0.2)  # 0.5-s clips at 8 kHz, 0.2 s apart
+    sound = np.concatenate([np.zeros(20000, np.float32), tone(300, 8000, 0.5)])  # 2.5 s of silence, then "low"
+    windows = tagger.windows(sound)
+    assert windows.shape == (14, 4000) and windows.dtype == torch.int16  # 0, 0.2, ..., 2.4 s, and 2.5 s: the end
+    np.testing.assert_array_equal(windows[3].numpy(), to_clip(sound[4800:8800], 4000))
+    np.testing.assert_array_equal(windows[-1].numpy(), to_clip(sound[-4000:], 4000))
+    found = tagger(sound, sample_rate=8000)
+    assert found.windows == 14 and found.seconds == 3.0 and found.top(1)[0][0] == "low"
+    np.testing.assert_allclose(found.window_starts, [*np.arange(13) * 0.2, 2.5], atol=1e-9)
+    assert found.window_scores.shape == (14, 4) and found.window_scores.argmax(0)[CLASSES.index("low")] == 13
+    np.testing.assert_array_equal(found.scores, found.window_scores.max(0))
+    low = CLASSES.index("low")
+    assert found.scores[low] > 0.5 > Tagger(tagger_checkpoint, "cpu", "mean", 0.2)(sound, 8000).scores[low]
+    np.testing.assert_array_equal(tagger.windows(sound[:1000]).numpy(), to_clip(sound[:1000], 4000)[None])
+
+
+def test_a_waveform_may_be_int_pcm_or_samples_by_channels_on_any_device(tagger_checkpoint):
+    tagger = Tagger(tagger_checkpoint)
+    assert tagger.device.type == ("cuda" if torch.cuda.is_available() else "cpu")  # "auto" by default
+    sound = tone(1000, 16000, 0.5)
+    expected = tagger(torch.from_numpy(sound), sample_rate=16000).scores
+    pcm = np.round(sound * 32768).astype(np.int16)  # what soundfile.read(dtype="int16") or scipy gives
+    np.testing.assert_allclose(tagger(pcm, sample_rate=16000).scores, expected, atol=1e-4)
+    np.testing.assert_allclose(tagger(pcm.astype(np.int32) << 16, sample_rate=16000).scores, expected, atol=1e-4)
+    stereo = np.stack([sound, sound], axis=1)  # (samples, channels): soundfile.read's layout
+    np.testing.assert_allclose(tagger(stereo, sample_rate=16000).scores, expected, atol=1e-6)
+    with_grad = torch.from_numpy(stereo.T.copy()).to(tagger.device).requires_grad_()  # (channels, samples)
+    np.testing.assert_allclose(tagger(with_grad, sample_rate=16000).scores, expected, atol=1e-6)
+    for bad, message in (
+        (np.zeros(0), "not empty"),
+        (np.zeros((2, 3, 400)), r"got \(2, 3, 400\)"),
+        (pcm.view(np.uint16), "uint16"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            tagger(bad, sample_rate=16000)
+
+
+def test_the_windows_of_several_files_share_batches_in_order(tagger_checkpoint, tmp_path):
+    paths = [tmp_path / name for name in ("a.wav", "b.wav", "c.flac", "d.wav")]
+    soundfile.write(paths[0], tone(300, 16000, 0.3), 16000)  # one window
+    paths[1].write_bytes(b"not a sound")
+    soundfile.write(paths[2], tone(1000, 22050, 1.2), 22050)  # four windows
+    soundfile.write(paths[3], tone(300, 8000, 0.5), 8000)  # one window
+    tagger = Tagger(tagger_checkpoint, "cpu", hop_seconds=0.25, batch_size=3)
+    batches = []
+    tagger.model.register_forward_pre_hook(lambda _, inputs: batches.append(len(inputs[0])))
+    outcomes = list(tagger.predict_files(paths))
+    assert batches == [3, 2, 1]  # a's window with three of c's, then c's last, then d's: not one batch per file
+    assert outcomes[1][0] == str(paths[1]) and outcomes[1][1].startswith("unreadable")
+    alone = Tagger(tagger_checkpoint, "cpu", hop_seconds=0.25, batch_size=1)
+    for outcome, path, label, windows in zip(
+        outcomes[::2] + outcomes[3:], paths[::2] + paths[3:], ("low", "middle", "low"), (1, 4, 1), strict=True
+    ):
+        assert outcome.source == str(path) and outcome.windows == windows and outcome.top(1)[0][0] == label
+        np.testing.assert_allclose(outcome.scores, alone(path).scores, atol=1e-5)
+
+
 def test_predict_command_tags_files_and_folders(tagger_checkpoint, tmp_path):
     folder = tmp_path / "sounds"
     folder.mkdir()
@@ -65,13 +124,20 @@ def test_predict_command_tags_files_and_folders(tagger_checkpoint, tmp_path):
     result = runner.invoke(app, ["predict", str(tagger_checkpoint), str(folder), "--top-k", "2", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     rows = [line.split() for line in result.output.splitlines()]
+    assert rows[0] == ["sound", "label", "score"]  # piped: no stray line from a progress bar
     firsts = {row[0].rsplit("/", 1)[-1]: row[1] for row in rows if row and row[0].startswith(str(tmp_path))}
     assert firsts == {"a_low.wav": "low", "b_middle.ogg": "middle"}
     assert "warning:" in result.output and "c_broken.wav: unreadable" in result.output
     lines = runner.invoke(app, ["predict", str(tagger_checkpoint), str(folder / "a_low.wav"), "--json"]).output
     data = json.loads(lines.splitlines()[0])
     assert data["labels"][0]["label"] == "low" and len(data["labels"]) == 4 and data["windows"] == 1
+    lines = runner.invoke(app, ["predict", str(tagger_checkpoint), str(folder), "--json"]).output.splitlines()
+    assert [json.loads(line).get("error", "")[:10] for line in lines] == ["", "", "unreadable"]  # every line parses
     broken = runner.invoke(app, ["predict", str(tagger_checkpoint), str(folder / "c_broken.wav")])
     assert broken.exit_code == 1 and "no sound could be read" in broken.output
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("no sound here")
+    nothing = runner.invoke(app, ["predict", str(tagger_checkpoint), str(tmp_path / "notes")])
+    assert nothing.exit_code == 1 and "no sound files (.wav" in nothing.output
     missing = runner.invoke(app, ["predict", str(tmp_path / "none.safetensors"), str(folder)])
     assert missing.exit_code == 1 and "no such checkpoint" in missing.output
