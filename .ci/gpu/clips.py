@@ -29,6 +29,9 @@ else:
     right = 0
     for line in args.check.read_text().splitlines():
         predicted = json.loads(line)
+        if "error" in predicted:
+            print(f"{predicted['source']}: {predicted['error']}")
+            continue
         top = predicted["labels"][0]["label"]
         right += top in events[predicted["source"]]
         print(
