@@ -40,7 +40,7 @@ from .augment import Augment
 from .evaluate import autocast, metrics, score_clips
 from .frontend import LogMel
 from .loader import FailureLog, make_loader
-from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
+from .recipe import Recipe, RecipeError, TrainRecipe, load_recipe, recipe_from_dict
 from .sources import ClipDataset, open_source
 
 RUN_FILES = (
@@ -163,8 +163,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, position_lr_scale: f
     ]
 
 
-def _optimizer(recipe: Recipe, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    t = recipe.train
+def make_optimizer(t: TrainRecipe, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The recipe's optimizer (AdamW or LAMB) over :func:`parameter_groups`."""
     groups = [g for g in parameter_groups(model, t.weight_decay, t.position_lr_scale) if g["params"]]
     if t.optimizer == "lamb":
         from timm.optim import Lamb
@@ -512,7 +512,7 @@ def _run(
     total_steps, warmup_steps = t.epochs * steps_per_epoch, round(t.warmup_epochs * steps_per_epoch)
     global_batch = t.batch_size * t.accumulate * world
     lr = t.lr * global_batch / t.reference_batch
-    optimizer = _optimizer(recipe, model, lr)
+    optimizer = make_optimizer(recipe.train, model, lr)
     from timm.scheduler import CosineLRScheduler
 
     scheduler = CosineLRScheduler(

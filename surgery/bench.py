@@ -351,11 +351,9 @@ def _training_step(model: torch.nn.Module, x: torch.Tensor, dtype: str) -> Calla
     window (the trainer's own functions)."""
     from dclsify.pipeline.evaluate import autocast
     from dclsify.pipeline.recipe import TrainRecipe
-    from dclsify.pipeline.train import clamp_positions, parameter_groups
+    from dclsify.pipeline.train import clamp_positions, make_optimizer
 
-    recipe = TrainRecipe()
-    groups = parameter_groups(model, recipe.weight_decay, recipe.position_lr_scale)
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-4, betas=tuple(recipe.betas))
+    optimizer = make_optimizer(TrainRecipe(), model, lr=1e-4)
     scaler = torch.amp.GradScaler(x.device.type) if dtype == "fp16" else None
     targets = None
 

@@ -177,12 +177,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"refused (the first: {found.group(1)}); if you trust the file, load it yourself and save its "
             "state dict with safetensors"
         ) from None
+    except OSError as error:  # the file could not be read at all (permissions, a device error)
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
     except Exception as error:  # noqa: BLE001 - what torch's unpickler raises on damaged bytes (even a KeyError)
         if path.stat().st_size == 0:
             raise CheckpointError(f"{path} is empty (0 bytes): not a PyTorch weights file") from None
         # torch's first sentence says what failed; the rest is advice about its own format
         detail = " ".join(str(error).split()).split(". ")[0][:200]
-        detail = detail if isinstance(error, RuntimeError) else f"{type(error).__name__}: {detail}"
+        if not (isinstance(error, RuntimeError) and detail):  # a bare EOFError or KeyError: name it
+            detail = f"{type(error).__name__}: {detail}" if detail else type(error).__name__
         raise CheckpointError(
             f"{path} is not a readable PyTorch weights file, truncated or damaged? ({detail})"
         ) from None
@@ -216,7 +219,8 @@ def _unreadable(path: Path, error: Exception) -> CheckpointError:
         reason = "it is empty (0 bytes)"
     elif (start := header_length.to_bytes(8, "little"))[:4] == b"PK\x03\x04" or start[:2] in TORCH_PICKLES:
         # a zip archive or a pickle: what torch.save writes
-        reason = "it is a PyTorch (torch.save) file; `dclsify import` makes a dclsify checkpoint of foreign weights"
+        renamed = "named .pth, " if path.suffix == ".safetensors" else ""
+        reason = f"it is a PyTorch (torch.save) file; {renamed}`dclsify import` makes a dclsify checkpoint of it"
     elif size < 8:
         reason = f"it is {size} bytes long, too short to hold a header"
     elif header_length > size - 8:

@@ -209,16 +209,20 @@ def load_timm_weights(
     if stem_name is not None:
         stem_key = f"{stem_name}.weight"
         rgb = mapped.get(stem_key)
-        if stem == "adapt" and rgb is not None and rgb.ndim == 4 and stem_key in own:
-            channels, size = own[stem_key].shape[1], own[stem_key].shape[-2:]
+        channels = own[stem_key].shape[1] if stem_key in own else None
+        # an RGB stem (or one with the model's channels already): other forms start afresh, below
+        if stem == "adapt" and channels and rgb is not None and rgb.ndim == 4 and rgb.shape[1] in (3, channels):
+            size, how = own[stem_key].shape[-2:], []
             # timm's own adaptations: of the input channels, and of a patch embedding's kernel (FlexiViT's resize)
-            adapted = adapt_input_conv(channels, rgb)
-            mapped[stem_key] = resample_patch_embed(adapted, list(size), verbose=False)
-            how = [f"resized {_by(rgb.shape[-2:])} -> {_by(size)}"]
             if rgb.shape[1] != channels:
-                summed = f"summed over its {rgb.shape[1]} input channels"
-                how.insert(0, summed if channels == 1 else f"its {rgb.shape[1]} input channels made {channels}")
-            report.adapted.append((stem_key, ", ".join(how)))
+                made = "summed over its 3 input channels" if channels == 1 else f"its 3 input channels made {channels}"
+                how.append(made)
+                mapped[stem_key] = adapt_input_conv(channels, rgb)
+            if rgb.shape[-2:] != size:
+                how.append(f"resized {_by(rgb.shape[-2:])} -> {_by(size)}")
+                mapped[stem_key] = resample_patch_embed(mapped[stem_key], list(size), verbose=False)
+            if how:
+                report.adapted.append((stem_key, ", ".join(how)))
             for key in mapped:
                 if key.startswith(stem_name + ".") and key not in own:
                     expected_dropped[key] = f"the RGB stem's {key.rpartition('.')[2]}: the audio stem has none"

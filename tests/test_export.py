@@ -81,7 +81,7 @@ def test_a_dense_checkpoint_loads_baked_with_its_settings(original, model, tmp_p
     x = torch.randn(5, 1, 32, 63)
     torch.testing.assert_close(logits(dense, x), logits(model, x), rtol=0, atol=1e-5)
     sound = waveforms(1)  # one clip: the Tagger reads a dense checkpoint as any other
-    scores = Tagger(report.path)(sound[0], sample_rate=AUDIO.sample_rate).scores
+    scores = Tagger(report.path, "cpu")(sound[0], sample_rate=AUDIO.sample_rate).scores
     expected = logits(model, LogMel(AUDIO)(sound)).softmax(-1)[0]  # single-label: a softmax
     np.testing.assert_allclose(scores, expected.numpy(), atol=1e-5)
     mixed = copy.deepcopy(model)
@@ -135,7 +135,7 @@ def test_torchscript_with_the_frontend_from_a_model(original, model, tmp_path):
     # a synthesized clip, as a sound file: the export's scores are those `dclsify predict` gives it
     clip, _ = make_clip(0, "eval", 3, seconds=AUDIO.seconds, sample_rate=AUDIO.sample_rate)
     soundfile.write(tmp_path / "clip.wav", clip, AUDIO.sample_rate, subtype="PCM_16")
-    predicted = Tagger(original)(tmp_path / "clip.wav").scores
+    predicted = Tagger(original, "cpu")(tmp_path / "clip.wav").scores
     with torch.no_grad():
         exported = scripted(torch.from_numpy(clip / 32768).float()[None]).softmax(-1)[0]  # single-label
     assert predicted.max() - predicted.min() > 0.05  # scores that tell the classes apart
@@ -159,6 +159,9 @@ def test_what_cannot_be_exported_is_one_clear_error_and_no_file(original, tmp_pa
     torch.save({"w": torch.ones(1)}, tmp_path / "weights.pth")
     with pytest.raises(CheckpointError, match=r"weights.pth .*: it is a PyTorch \(torch.save\) file; `dclsify import`"):
         export(tmp_path / "weights.pth", out, "dense")
+    (tmp_path / "weights.pth").rename(tmp_path / "misnamed.safetensors")
+    with pytest.raises(CheckpointError, match=r"torch.save\) file; named .pth, `dclsify import` makes"):
+        export(tmp_path / "misnamed.safetensors", out, "dense")
     with pytest.raises(NotADirectoryError, match="notes.txt is a file, not a folder"):
         export(original, tmp_path / "notes.txt" / "model.onnx", "torchscript")
     for module in ("onnx", "onnxruntime", "onnxscript"):  # as if the extra were not installed
@@ -166,7 +169,7 @@ def test_what_cannot_be_exported_is_one_clear_error_and_no_file(original, tmp_pa
             hidden.setitem(sys.modules, module, None)
             with pytest.raises(ExportError, match=rf"needs {module} \(not installed\): pip install 'dclsify\[onnx\]'"):
                 export(original, out, "onnx")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "weights.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["misnamed.safetensors", "notes.txt"]
 
 
 def spoiled(plain_convolutions):

@@ -286,6 +286,21 @@ def test_imagenet_stem_for_three_input_channels_keeps_its_colours(imagenet_convn
     )
 
 
+def test_a_stem_that_is_not_rgb_starts_afresh_and_is_reported(tmp_path):
+    # timm's adapt_input_conv asserts (4 colours) or raises (one channel made two): neither may reach the user
+    for colours, in_chans in ((4, 1), (1, 2)):
+        path = tmp_path / f"stem{colours}.safetensors"
+        save_file({"stem.0.weight": torch.randn(40, colours, 4, 4), "stem.1.weight": torch.ones(40)}, path)
+        model = dclsify.import_checkpoint(path, model="timm:convnext_atto", in_chans=in_chans)
+        assert model.imported.adapted == []
+        assert dict(model.imported.dropped)["stem.0.weight"] == "the RGB stem"
+        assert dict(model.imported.initialised)["stem.0.weight"] == "new: the RGB stem has another form"
+        assert model.state_dict()["stem.0.weight"].shape == (40, in_chans, 2, 16)
+    save_file({"stem.0.weight": torch.randn(40, 1, 2, 16)}, tmp_path / "audio.safetensors")  # already fits
+    fits = dclsify.import_checkpoint(tmp_path / "audio.safetensors", model="timm:convnext_atto")
+    assert fits.imported.adapted == [] and "stem.0.weight" in fits.imported.loaded
+
+
 def test_imagenet_weights_into_the_dsc_twin_and_a_fresh_stem(imagenet_convnext):
     weights, path = imagenet_convnext
     model = dclsify.import_checkpoint(path, model="timm:convnext_atto", stem="init", dcls=False)

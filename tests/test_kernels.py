@@ -60,13 +60,24 @@ def test_kernels_command_draws_and_reports(tmp_path):
         plot_kernels(dclsify.load(dsc), tmp_path / "x.png")
 
 
-def test_the_figure_axes_match_the_built_kernel():
-    # plot_kernels draws P[0] across (columns, time) and P[1] up (rows, frequency, origin "lower"):
-    # an element there must be where the built kernel has its peak
+def test_the_figure_draws_an_element_where_its_built_kernel_peaks(tmp_path, monkeypatch):
+    # P[0] is the offset across (columns: time), P[1] up (rows: frequency): in the scatter of positions
+    # and in the image of the built kernel, both must land at (3, -2) in the figure's data frame
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure plot_kernels would close
     layer = dclsify.Dcls2d(1, 1, 1, dilated_kernel_size=(9, 11), groups=1)
     with torch.no_grad():
         layer.P.copy_(torch.tensor([3.0, -2.0]).view(2, 1, 1, 1))
         layer.weight.fill_(1.0)
-    kernel = layer.kernel()[0, 0]
-    row, column = divmod(int(kernel.argmax()), kernel.shape[1])
-    assert (column - 11 // 2, row - 9 // 2) == (3, -2)
+    plot_kernels(torch.nn.Sequential(layer), tmp_path / "one.png", channels=1)
+    positions, built = figures[0].axes[:2]
+    assert positions.collections[-1].get_offsets().tolist() == [[3.0, -2.0]]
+    image = built.images[0]
+    rows, columns = image.get_array().shape
+    left, right, bottom, top = image.get_extent()
+    row, column = divmod(int(image.get_array().argmax()), columns)
+    peak = (left + (column + 0.5) * (right - left) / columns, bottom + (row + 0.5) * (top - bottom) / rows)
+    assert (rows, columns) == (9, 11) and peak == (3.0, -2.0) and image.origin == "lower"
+    assert built.collections[-1].get_offsets().tolist() == [[3.0, -2.0]]  # the element drawn on its kernel

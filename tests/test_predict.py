@@ -105,7 +105,7 @@ def test_the_windows_of_several_files_share_batches_in_order(tagger_checkpoint, 
     batches = []
     tagger.model.register_forward_pre_hook(lambda _, inputs: batches.append(len(inputs[0])))
     outcomes = list(tagger.predict_files(paths))
-    assert batches == [3, 2, 1]  # a's window with three of c's, then c's last, then d's: not one batch per file
+    assert batches == [3, 2, 1]  # a's window and two of c's, c's last two, then d's: not one batch per file
     assert outcomes[1][0] == str(paths[1]) and outcomes[1][1].startswith("unreadable")
     alone = Tagger(tagger_checkpoint, "cpu", hop_seconds=0.25, batch_size=1)
     for outcome, path, label, windows in zip(
