@@ -901,6 +901,9 @@ def predict_command(
         False, "--json", help='One JSON object per sound, for machines ({"source", "error"} for one not read).'
     ),
     device: str = typer.Option("auto", help="auto (cuda where torch sees a GPU), cpu, cuda, cuda:1, ..."),
+    workers: int | None = typer.Option(
+        None, min=0, help="Processes decoding files ahead (default: none on the CPU, up to 8 with a GPU)."
+    ),
     trust_code: bool = typer.Option(False, "--trust-code", help="Allow a file: model source to run its Python file."),
 ) -> None:
     """Tag sounds with a trained model: the top labels of each, with their scores."""
@@ -922,7 +925,7 @@ def predict_command(
     failures, results = [], []
     quiet = len(paths) < 2 or json_lines or not console.is_terminal  # a bar in piped output is a stray line
     with Progress(console=console, transient=True, disable=quiet) as bar:
-        for outcome in bar.track(tagger.predict_files(paths), total=len(paths), description="tagging"):
+        for outcome in bar.track(tagger.predict_files(paths, workers), total=len(paths), description="tagging"):
             if isinstance(outcome, tuple):
                 failures.append(outcome)
                 if json_lines:  # on stdout, as JSON too: each line of the output parses

@@ -105,7 +105,12 @@ def test_the_windows_of_several_files_share_batches_in_order(tagger_checkpoint, 
     batches = []
     tagger.model.register_forward_pre_hook(lambda _, inputs: batches.append(len(inputs[0])))
     outcomes = list(tagger.predict_files(paths))
-    assert batches == [3, 2, 1]  # a's window and two of c's, c's last two, then d's: not one batch per file
+    assert batches == [3, 3]  # a's window and c's first two, then c's last two and d's: not one batch per file
+    decoded_ahead = list(tagger.predict_files(paths, workers=2))  # files decoded in two processes: the same
+    assert [o[0] if isinstance(o, tuple) else o.source for o in decoded_ahead] == [str(p) for p in paths]
+    assert decoded_ahead[1] == outcomes[1] and batches[2:] == [3, 3]
+    for ahead, outcome in zip(decoded_ahead[::2] + decoded_ahead[3:], outcomes[::2] + outcomes[3:], strict=True):
+        np.testing.assert_array_equal(ahead.window_scores, outcome.window_scores)
     assert outcomes[1][0] == str(paths[1]) and outcomes[1][1].startswith("unreadable")
     alone = Tagger(tagger_checkpoint, "cpu", hop_seconds=0.25, batch_size=1)
     for outcome, path, label, windows in zip(
