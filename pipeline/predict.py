@@ -12,6 +12,7 @@ where torch sees one.
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -177,12 +178,16 @@ class Tagger:
         same batches: a folder of short clips is scored ``batch_size`` windows at a time."""
         paths = [str(path) for path in paths]
         if workers is None:
-            workers = min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0
+            workers = min(8, _usable_cores()) if self.device.type == "cuda" else 0
+        workers = max(0, min(workers, len(paths) - 1))  # no process to start for one file
         decoded = torch.utils.data.DataLoader(
             _Decoded(paths, self.audio.sample_rate),
             batch_size=None,
             collate_fn=_as_is,
-            num_workers=max(0, min(workers, len(paths) - 1)),  # no process to start for one file
+            num_workers=workers,
+            prefetch_factor=1 if workers else None,  # a file each in flight: long recordings are large
+            # fork, as pack does: no re-import of torch per worker (they touch no CUDA, only soundfile)
+            multiprocessing_context="fork" if workers and "fork" in multiprocessing.get_all_start_methods() else None,
         )
         length = self.audio.samples
         waiting: deque[_Pending] = deque()  # the files not yet answered, in order
@@ -206,6 +211,7 @@ class Tagger:
             if isinstance(mono, str):
                 waiting.append(_Pending(source, reason=mono))
             else:
+                mono = mono.numpy()
                 pending = _Pending(source, len(mono) / self.audio.sample_rate, None, *self._cut(mono))
                 waiting.append(pending)
                 windows.extend((pending, start) for start in pending.starts)
@@ -238,13 +244,18 @@ class _Decoded(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[str, np.ndarray | str]:
+    def __getitem__(self, index: int) -> tuple[str, torch.Tensor | str]:
         from .sources import ClipError
 
-        try:
-            return self.paths[index], read_mono(self.paths[index], self.sample_rate)
+        try:  # a tensor: from a worker it travels through shared memory, not pickled through a pipe
+            return self.paths[index], torch.from_numpy(read_mono(self.paths[index], self.sample_rate))
         except ClipError as error:
             return self.paths[index], str(error)
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (a job's share of a node), as torch's DataLoader counts them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _as_is(item):  # the DataLoader's collate: the decoded sound as it is, not a tensor

@@ -219,7 +219,7 @@ def _unreadable(path: Path, error: Exception) -> CheckpointError:
         reason = "it is empty (0 bytes)"
     elif (start := header_length.to_bytes(8, "little"))[:4] == b"PK\x03\x04" or start[:2] in TORCH_PICKLES:
         # a zip archive or a pickle: what torch.save writes
-        renamed = "named .pth, " if path.suffix == ".safetensors" else ""
+        renamed = "once renamed .pth, " if path.suffix == ".safetensors" else ""
         reason = f"it is a PyTorch (torch.save) file; {renamed}`dclsify import` makes a dclsify checkpoint of it"
     elif size < 8:
         reason = f"it is {size} bytes long, too short to hold a header"

@@ -160,7 +160,7 @@ def test_what_cannot_be_exported_is_one_clear_error_and_no_file(original, tmp_pa
     with pytest.raises(CheckpointError, match=r"weights.pth .*: it is a PyTorch \(torch.save\) file; `dclsify import`"):
         export(tmp_path / "weights.pth", out, "dense")
     (tmp_path / "weights.pth").rename(tmp_path / "misnamed.safetensors")
-    with pytest.raises(CheckpointError, match=r"torch.save\) file; named .pth, `dclsify import` makes"):
+    with pytest.raises(CheckpointError, match=r"torch.save\) file; once renamed .pth, `dclsify import` makes"):
         export(tmp_path / "misnamed.safetensors", out, "dense")
     with pytest.raises(NotADirectoryError, match="notes.txt is a file, not a folder"):
         export(original, tmp_path / "notes.txt" / "model.onnx", "torchscript")
