@@ -1009,6 +1009,7 @@ def kernels_command(
     """Draw what a DCLS model learned, per stage (P/SIG group): its elements' positions, sized by |weight| and
     ringed by their spread, and the built kernels of a few channels."""
     from dclsify.surgery.checkpoint import CheckpointError, load
+    from dclsify.surgery.dcls import SIGMA_FLOOR
     from dclsify.surgery.kernels import kernel_stats, plot_kernels
 
     try:
@@ -1028,7 +1029,7 @@ def kernels_command(
         table = Table(
             caption="group: the layers sharing one P/SIG (a stage), as drawn (its first layer there and in --json). "
             "Positions in taps from the window's centre; at edge: share of elements clamped to the window's border; "
-            "sigma: the std of an element's Gaussian, |SIG| + 0.27; |w|: over every layer of the group.",
+            f"sigma: the std of an element's Gaussian, |SIG| + {SIGMA_FLOOR:g}; |w|: over every layer of the group.",
             caption_justify="left",
             **COMPACT,
         )

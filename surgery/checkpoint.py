@@ -213,11 +213,12 @@ def _unreadable(path: Path, error: Exception) -> CheckpointError:
         return CheckpointError(f"cannot read {path}: {error.strerror or error}")
     size = path.stat().st_size
     with open(path, "rb") as file:
-        header_length = int.from_bytes(file.read(8), "little")
+        start = file.read(8)
+        header_length = int.from_bytes(start, "little")
         header = file.read(min(header_length, size))
     if size == 0:
         reason = "it is empty (0 bytes)"
-    elif (start := header_length.to_bytes(8, "little"))[:4] == b"PK\x03\x04" or start[:2] in TORCH_PICKLES:
+    elif start[:4] == b"PK\x03\x04" or start[:2] in TORCH_PICKLES:
         # a zip archive or a pickle: what torch.save writes
         renamed = "once renamed .pth, " if path.suffix == ".safetensors" else ""
         reason = f"it is a PyTorch (torch.save) file; {renamed}`dclsify import` makes a dclsify checkpoint of it"

@@ -175,7 +175,7 @@ def plot_kernels(model: nn.Module, path: str | os.PathLike, channels: int = 3, t
             bar.ax.tick_params(labelsize=7)
     figure.suptitle(title or "learned DCLS kernels", fontsize=11)
     legend = (
-        "points: kernel elements (area: |weight|; ring: one std of their Gaussian, |SIG| + 0.27); "
+        f"points: kernel elements (area: |weight|; ring: one std of their Gaussian, |SIG| + {SIGMA_FLOOR:g}); "
         "dashed: the window the positions are clamped to"
     )
     figure.supxlabel(textwrap.fill(legend, int(14 * figure.get_figwidth())), fontsize=7)  # laid out, not overlapping
