@@ -1,14 +1,12 @@
 """dclsify: turn vision backbones into audio taggers with learnable-spacing convolutions."""
 
+from ._version import __version__
 from .surgery.checkpoint import CheckpointError, convert, load, save
 from .surgery.conv import large_kernel_conv2d
 from .surgery.dcls import Dcls2d, LargeKernelConv2d, bake, dcls_kernel
 from .surgery.diff import graph_diff
-from .surgery.export import ExportError, export
-from .surgery.importer import import_checkpoint
 from .surgery.rewrite import SurgeryError, rewrite
 
-__version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "Dcls2d",
@@ -30,13 +28,22 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name == "Tagger":  # the inference pipeline (torchaudio, soundfile) loads only when asked for
-        from .pipeline.predict import Tagger
+PIPELINE_NAMES = ("ExportError", "Tagger", "export", "import_checkpoint")
 
-        return Tagger
-    raise AttributeError(f"module 'dclsify' has no attribute {name!r}")
+
+def __getattr__(name: str):
+    # The pipeline's names load only when asked for (PEP 562): they bring torchaudio, soundfile
+    # and the rest of the audio side, which model surgery alone does not need.
+    if name in ("ExportError", "export"):
+        from .pipeline import export as module
+    elif name == "Tagger":
+        from .pipeline import predict as module
+    elif name == "import_checkpoint":
+        from .pipeline import importer as module
+    else:
+        raise AttributeError(f"module 'dclsify' has no attribute {name!r}")
+    return getattr(module, name)
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), "Tagger"})
+    return sorted({*globals(), *PIPELINE_NAMES})

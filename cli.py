@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import textwrap
 import warnings
@@ -107,7 +108,7 @@ def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
 
 def _version_callback(value: bool) -> None:
     if value:
-        from dclsify import __version__
+        from dclsify._version import __version__
 
         console.print(f"dclsify {__version__}")
         raise typer.Exit()
@@ -215,7 +216,7 @@ def bench_model_command(
 ) -> None:
     """Table 1: parameters, GFLOPs and throughput (training step, baked and un-baked inference) of DCLS
     audio models against their DSC twins."""
-    from dclsify.surgery.bench import DTYPES, bench_models
+    from dclsify.pipeline.bench import DTYPES, bench_models
 
     _check_device(device)
     if dtype not in DTYPES:
@@ -292,7 +293,57 @@ def bench_model_command(
         raise typer.Exit(1)
 
 
-def _rewrite_options(
+KERNEL = typer.Option(23, help="Dcls2d window size.")
+COUNT = typer.Option(26, help="Kernel elements per channel.")
+VERSION = typer.Option("gauss", help="gauss or v1.")
+MATCH = typer.Option("7", help="Depthwise kernel sizes to replace: 7, '5,7' or '>=5'.")
+SYNC = typer.Option("stage", help="Share P/SIG per stage, per channel count (model) or not at all (none).")
+STEM = typer.Option(
+    "audio", help="audio (2x16, stride 2x16), KHxKW (stride = kernel), KHxKW/SHxSW, or none to keep the original."
+)
+IN_CHANS = typer.Option(1, help="Input channels of the new stem.")
+NUM_CLASSES = typer.Option(527, min=0, help="Classifier outputs (527 = AudioSet); 0 keeps the model's head.")
+DCLS = typer.Option(True, "--dcls/--no-dcls", help="--no-dcls: only the stem and head (the DSC baseline).")
+TRUST_CODE = typer.Option(
+    False,
+    "--trust-code",
+    help="Let a checkpoint whose source is file:PATH.py:FACTORY run that file to rebuild its model.",
+)
+REWRITE_OPTIONS = [
+    inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option, annotation=kind)
+    for name, option, kind in (
+        ("kernel", KERNEL, int),
+        ("count", COUNT, int),
+        ("version", VERSION, str),
+        ("match", MATCH, str),
+        ("sync", SYNC, str),
+        ("stem", STEM, str),
+        ("in_chans", IN_CHANS, int),
+        ("num_classes", NUM_CLASSES, int),
+        ("dcls", DCLS, bool),
+    )
+]
+
+
+def with_rewrite_options(command):
+    """Give ``command`` the rewrite's options (--kernel ... --dcls) where its ``rewrite`` parameter
+    stands; it is called with them as one ``rewrite`` dict of :func:`dclsify.rewrite` arguments."""
+    signature = inspect.signature(command, eval_str=True)
+    at = list(signature.parameters).index("rewrite")
+    others = [parameter for parameter in signature.parameters.values() if parameter.name != "rewrite"]
+    parameters = [*others[:at], *REWRITE_OPTIONS, *others[at:]]
+
+    @functools.wraps(command)
+    def wrapper(**values):
+        options = {option.name: values.pop(option.name) for option in REWRITE_OPTIONS}
+        return command(**values, rewrite=_rewrite_arguments(**options))
+
+    wrapper.__signature__ = signature.replace(parameters=parameters)
+    wrapper.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+    return wrapper
+
+
+def _rewrite_arguments(
     kernel: int, count: int, version: str, match: str, sync: str, stem: str, in_chans: int, num_classes, dcls: bool
 ) -> dict:
     """CLI spellings to :func:`dclsify.rewrite` arguments."""
@@ -315,24 +366,6 @@ def _rewrite_options(
     )
 
 
-KERNEL = typer.Option(23, help="Dcls2d window size.")
-COUNT = typer.Option(26, help="Kernel elements per channel.")
-VERSION = typer.Option("gauss", help="gauss or v1.")
-MATCH = typer.Option("7", help="Depthwise kernel sizes to replace: 7, '5,7' or '>=5'.")
-SYNC = typer.Option("stage", help="Share P/SIG per stage, per channel count (model) or not at all (none).")
-STEM = typer.Option(
-    "audio", help="audio (2x16, stride 2x16), KHxKW (stride = kernel), KHxKW/SHxSW, or none to keep the original."
-)
-IN_CHANS = typer.Option(1, help="Input channels of the new stem.")
-NUM_CLASSES = typer.Option(527, min=0, help="Classifier outputs (527 = AudioSet); 0 keeps the model's head.")
-DCLS = typer.Option(True, "--dcls/--no-dcls", help="--no-dcls: only the stem and head (the DSC baseline).")
-TRUST_CODE = typer.Option(
-    False,
-    "--trust-code",
-    help="Let a checkpoint whose source is file:PATH.py:FACTORY run that file to rebuild its model.",
-)
-
-
 def _or_fail(function, *args, **kwargs):
     """Call a dclsify function; a user error it raises ends the command with its message."""
     from dclsify.surgery.checkpoint import CheckpointError
@@ -345,17 +378,10 @@ def _or_fail(function, *args, **kwargs):
 
 
 @app.command("convert")
+@with_rewrite_options
 def convert_command(
     model: str = typer.Argument(..., help="timm:NAME, e.g. timm:convnext_tiny."),
-    kernel: int = KERNEL,
-    count: int = COUNT,
-    version: str = VERSION,
-    match: str = MATCH,
-    sync: str = SYNC,
-    stem: str = STEM,
-    in_chans: int = IN_CHANS,
-    num_classes: int = NUM_CLASSES,
-    dcls: bool = DCLS,
+    rewrite: dict | None = None,
     output: Path | None = typer.Option(None, "-o", "--output", help="Checkpoint (default: NAME_dcls.safetensors)."),
     pretrained: Path | None = typer.Option(
         None,
@@ -364,22 +390,12 @@ def convert_command(
     ),
 ) -> None:
     """Rewrite a timm model into an audio tagger and save it as a self-describing checkpoint."""
-    import torch
-
-    from dclsify.surgery.checkpoint import CheckpointError, convert, save
+    from dclsify.surgery.checkpoint import convert_to_file
     from dclsify.surgery.diff import count_parameters
-    from dclsify.surgery.rewrite import example_input
 
-    options = _rewrite_options(kernel, count, version, match, sync, stem, in_chans, num_classes, dcls)
     with console.status(f"converting {escape(model)}"):
-        rewritten = _or_fail(convert, model, pretrained=pretrained, **options).eval()
-        report = rewritten.dclsify
-        example = example_input(rewritten, report.config)
-        try:
-            with torch.no_grad():
-                output_shape = tuple(rewritten(example).shape)
-        except Exception as error:  # noqa: BLE001 - the model's own error, about the example
-            fail(f"the rewritten model fails on a {tuple(example.shape)} input: {type(error).__name__}: {error}")
+        converted = _or_fail(convert_to_file, model, output, pretrained=pretrained, **rewrite)
+    report = converted.model.dclsify
     table = Table(**COMPACT)
     for heading in ("P/SIG group", "channels", "map (HxW)", "kernel", "layers"):
         table.add_column(heading, justify="right")
@@ -392,25 +408,20 @@ def convert_command(
         kernel_size = f"{first.kernel_size[0]}x{first.kernel_size[1]}"
         table.add_row(str(group), str(first.channels), size, kernel_size, str(len(members)))
     if groups:
+        config = report.config
         console.print(
-            f"{escape(model)}: {len(report.replaced)} depthwise convs replaced by Dcls2d {kernel}x{kernel}/{count}"
+            f"{escape(model)}: {len(report.replaced)} depthwise convs replaced by "
+            f"Dcls2d {config.kernel}x{config.kernel}/{config.count}"
         )
         print_table(table)
-    console.print(f"stem: {report.stem or 'kept'}; classifier: {f'{num_classes} classes' if num_classes else 'kept'}")
-    console.print(f"parameters: {report.parameters_before:,} before, {count_parameters(rewritten):,} after")
-    console.print(f"output on {tuple(example.shape)}: {output_shape}")
+    classes = rewrite["num_classes"]
+    console.print(f"stem: {report.stem or 'kept'}; classifier: {f'{classes} classes' if classes else 'kept'}")
+    console.print(f"parameters: {report.parameters_before:,} before, {count_parameters(converted.model):,} after")
+    console.print(f"output on {converted.input_shape}: {converted.output_shape}")
     if pretrained is not None:
-        console.print(f"{pretrained}: {rewritten.dclsify.source}'s weights", markup=False)
-        _print_import_report(rewritten.imported)
-    name = model.rsplit(":", 1)[-1]  # the timm name, or a file: source's factory
-    path = output or Path(f"{name}_{'dcls' if dcls else 'dsc'}.safetensors")
-    try:
-        save(rewritten, path)
-    except OSError as error:
-        fail(f"cannot write {path}: {error.strerror or error}")
-    except CheckpointError as error:
-        fail(str(error))
-    console.print(f"wrote {path}", markup=False)
+        console.print(f"{pretrained}: {report.source}'s weights", markup=False)
+        _print_import_report(converted.model.imported)
+    console.print(f"wrote {converted.path}", markup=False)
 
 
 def _key_patterns(keys: list[str]) -> str:
@@ -452,27 +463,23 @@ def import_command(
     dcls: bool = DCLS,
 ) -> None:
     """Import foreign weights: the paper's released DCLS-Audio checkpoints, or a timm model's ImageNet weights."""
-    from dclsify.surgery.checkpoint import save
-    from dclsify.surgery.importer import PAPER_MODELS, import_checkpoint
+    from dclsify.pipeline.importer import PAPER_MODELS, import_to_file
 
-    if output.is_dir():
-        fail(f"{output} is a folder: name the checkpoint to write")
-    options = dict(stem=stem, num_classes=num_classes, kernel=kernel, count=count, dcls=dcls)
+    options = dict(strict=strict, stem=stem, num_classes=num_classes, kernel=kernel, count=count, dcls=dcls)
     with console.status(f"importing {escape(str(checkpoint))}"):
-        imported = _or_fail(import_checkpoint, checkpoint, model, strict, **options)
+        try:
+            imported = _or_fail(import_to_file, checkpoint, output, model, **options)
+        except OSError as error:
+            fail(f"cannot write {output}: {error.strerror or error}")
     report = imported.imported
     described = "" if report.model not in PAPER_MODELS else f" ({PAPER_MODELS[report.model].source})"
     console.print(f"{checkpoint}: {report.model}{described}", markup=False)
     _print_import_report(report)
-    try:
-        _or_fail(save, imported, output, imported.class_names, imported.audio, imported.multi_label)
-    except OSError as error:
-        fail(f"cannot write {output}: {error.strerror or error}")
     console.print(f"wrote {output}", markup=False)
 
 
 def _print_import_report(report) -> None:
-    """What an import did (:class:`~dclsify.surgery.importer.ImportReport`): tensors loaded, then
+    """What an import did (:class:`~dclsify.surgery.weights.ImportReport`): tensors loaded, then
     those adapted, dropped or initialised by reason, and each one that does not fit by name."""
     adapted = {key for key, _ in report.adapted}
     console.print(f"loaded {sum(key not in adapted for key in report.loaded)} tensors as they are", markup=False)
@@ -492,38 +499,22 @@ def _print_import_report(report) -> None:
 
 
 @app.command("diff")
+@with_rewrite_options
 def diff_command(
     model: str = typer.Argument(..., help="timm:NAME (rewritten with the options), or a dclsify checkpoint."),
-    kernel: int = KERNEL,
-    count: int = COUNT,
-    version: str = VERSION,
-    match: str = MATCH,
-    sync: str = SYNC,
-    stem: str = STEM,
-    in_chans: int = IN_CHANS,
-    num_classes: int = NUM_CLASSES,
-    dcls: bool = DCLS,
+    rewrite: dict | None = None,
     format: str = typer.Option(
         "table", "--format", help="table, unified (a diff of the two graphs, one line per node) or json."
     ),
     trust_code: bool = TRUST_CODE,
 ) -> None:
     """Show what a rewrite changes in the model's FX graph."""
-    from dclsify.surgery.checkpoint import create_source, load
-    from dclsify.surgery.diff import graph_diff
-    from dclsify.surgery.rewrite import rewrite
+    from dclsify.surgery.diff import diff_source
 
     if format not in ("table", "unified", "json"):
         raise typer.BadParameter("must be table, unified or json", param_hint="--format")
-    options = _rewrite_options(kernel, count, version, match, sync, stem, in_chans, num_classes, dcls)
     with console.status(f"tracing {escape(model)}"):
-        if Path(model).is_file():  # a checkpoint: what it changed in its source model
-            rewritten = _or_fail(load, model, trust_code=trust_code)
-            original = _or_fail(create_source, rewritten.dclsify.source, **rewritten.dclsify.model_kwargs)
-        else:
-            original = _or_fail(create_source, model)
-            rewritten = _or_fail(rewrite, original, **options)
-        result = graph_diff(original, rewritten)
+        result = _or_fail(diff_source, model, trust_code, **rewrite)
     if format == "json":
         typer.echo(json.dumps(result.as_dict(), indent=2))
         return
@@ -554,22 +545,16 @@ def diff_command(
 @app.command("models")
 def models_command() -> None:
     """List the model families known to work, and what a default rewrite replaces in each."""
-    from dclsify.backbones import FAMILIES
-    from dclsify.surgery.checkpoint import create_source
-    from dclsify.surgery.rewrite import depthwise_convs
+    from dclsify.surgery.rewrite import survey_families
 
+    with console.status("inspecting") as status:
+        surveyed = survey_families(progress=lambda name: status.update(f"inspecting {name}"))
     table = Table(title="Families known to work (timm)", **COMPACT)
     for heading in ("family", "models", "depthwise convs in the first (replaced: 7x7)", "stem"):
         table.add_column(heading)
-    with console.status("inspecting") as status:
-        for family in FAMILIES.values():
-            status.update(f"inspecting {family.examples[0]}")
-            sizes: dict[str, int] = {}
-            for conv in depthwise_convs(create_source(family.examples[0])).values():
-                key = "x".join(map(str, conv.kernel_size))
-                sizes[key] = sizes.get(key, 0) + 1
-            found = ", ".join(f"{n} x {k}" for k, n in sorted(sizes.items()))
-            table.add_row(family.name, ", ".join(family.examples), found, family.stem_note)
+    for family, sizes in surveyed:
+        found = ", ".join(f"{n} x {k}" for k, n in sizes.items())
+        table.add_row(family.name, ", ".join(family.examples), found, family.stem_note)
     print_table(table)
 
 
@@ -737,51 +722,22 @@ def train_command(
     list_recipes: bool = typer.Option(False, "--list-recipes", help="List the built-in recipes, and exit."),
 ) -> None:
     """Train an audio tagger with the paper's recipe (or yours); without --data, on the demo's sound set."""
-    from dclsify.pipeline.recipe import Recipe, RecipeError, builtin_recipes, load_recipe, valid_keys
+    from dclsify.pipeline.demo import train_or_demo
+    from dclsify.pipeline.recipe import RecipeError, default_values, describe_builtin_recipes
     from dclsify.pipeline.sources import DataError
-    from dclsify.pipeline.train import TrainError, train
+    from dclsify.pipeline.train import TrainError
 
     if list_recipes:
-        for name, path in sorted(builtin_recipes().items()):
-            first = path.read_text().splitlines()[0].lstrip("# ").rstrip(":")
-            console.print(f"[bold]{name}[/]: {escape(first)}", soft_wrap=True)
+        for name, description in describe_builtin_recipes().items():
+            console.print(f"[bold]{name}[/]: {escape(description)}", soft_wrap=True)
         return
     if list_keys:
-        defaults = Recipe().as_dict()
-        for key in valid_keys():
-            section, name = key.split(".")
-            console.print(f"{key} = {json.dumps(defaults[section][name])}", soft_wrap=True, highlight=False)
+        for key, default in default_values().items():
+            console.print(f"{key} = {json.dumps(default)}", soft_wrap=True, highlight=False)
         return
+    options = dict(overwrite=overwrite, trust_code=trust_code, audio_dir=audio_dir, classes=labels)
     try:
-        if resume is not None:
-            if recipe or overrides or data or eval_data or out or audio_dir or labels:
-                fail(
-                    "--resume continues a run as it was recorded: give no --recipe, --set, --data, --eval-data or --out"
-                )
-            result = train(out=resume, resume=True, trust_code=trust_code, console=console)
-        else:
-            if data is None:  # the demo's recipe on the demo's sound set
-                if recipe is not None or eval_data is not None:
-                    fail(
-                        "no --data: give the training data (without --data, --recipe and --eval-data, the demo trains)"
-                    )
-                from dclsify.pipeline.demo import demo_data
-
-                data, eval_data = demo_data(console=console)
-                recipe = "demo"
-            resolved = load_recipe(recipe, overrides)
-            run_dir = out or Path("runs") / (Path(recipe).stem if recipe else "default")
-            result = train(
-                resolved,
-                data,
-                eval_data,
-                run_dir,
-                overwrite=overwrite,
-                trust_code=trust_code,
-                console=console,
-                audio_dir=audio_dir,
-                classes=labels,
-            )
+        result = train_or_demo(recipe, overrides, data, eval_data, out, resume, console, **options)
     except (RecipeError, DataError, TrainError) as error:
         fail(str(error))
     _report_run(result)
@@ -818,23 +774,20 @@ def eval_command(
     trust_code: bool = typer.Option(False, "--trust-code", help="Allow a file: model source to run its Python file."),
 ) -> None:
     """mAP, mAUC, d-prime (and accuracy for single-label data) of a checkpoint on evaluation data."""
-    from dclsify.pipeline.evaluate import evaluate, write_per_class_csv
+    from dclsify.pipeline.evaluate import evaluate
+    from dclsify.pipeline.recipe import PRECISIONS
     from dclsify.pipeline.sources import DataError
     from dclsify.surgery.checkpoint import CheckpointError
 
     _check_device(device)
-    from dclsify.pipeline.recipe import PRECISIONS
-
     if precision not in PRECISIONS:
         raise typer.BadParameter(f"must be one of {', '.join(PRECISIONS)}", param_hint="--precision")
+    options = dict(trust_code=trust_code, audio_dir=audio_dir, classes=labels, per_class=per_class)
     with console.status(f"evaluating {checkpoint}"):
         try:
-            result = evaluate(checkpoint, data, batch, workers, device, precision, trust_code, audio_dir, labels)
+            result = evaluate(checkpoint, data, batch, workers, device, precision, **options)
         except (CheckpointError, DataError) as error:
             fail(str(error))
-    if per_class is not None:
-        try:
-            write_per_class_csv(result, per_class)
         except OSError as error:
             fail(f"cannot write {per_class}: {error.strerror or error}")
     if json_output:
@@ -970,8 +923,8 @@ def export_command(
 ) -> None:
     """Bake every Dcls2d into a fixed kernel and write the model as a dense checkpoint, ONNX or TorchScript,
     checked against the original on random input."""
+    from dclsify.pipeline.export import FORMATS, TOLERANCE, ExportError, export
     from dclsify.surgery.checkpoint import CheckpointError
-    from dclsify.surgery.export import FORMATS, TOLERANCE, ExportError, export
 
     if format not in FORMATS:
         raise typer.BadParameter("must be dense, onnx or torchscript", param_hint="--format")
@@ -1008,22 +961,17 @@ def kernels_command(
 ) -> None:
     """Draw what a DCLS model learned, per stage (P/SIG group): its elements' positions, sized by |weight| and
     ringed by their spread, and the built kernels of a few channels."""
-    from dclsify.surgery.checkpoint import CheckpointError, load
     from dclsify.surgery.dcls import SIGMA_FLOOR
-    from dclsify.surgery.kernels import kernel_stats, plot_kernels
+    from dclsify.surgery.kernels import draw_kernels
 
     try:
-        model = load(checkpoint, trust_code=trust_code)
-    except CheckpointError as error:
+        path, groups = draw_kernels(checkpoint, output, channels, trust_code)
+    except ValueError as error:  # a CheckpointError too
         fail(str(error))
-    try:
-        path = plot_kernels(model, output, channels, title=f"{checkpoint.name}: learned DCLS kernels")
-    except ValueError as error:
-        fail(f"{checkpoint}: {error}")
     except OSError as error:
         fail(f"cannot write {output}: {error.strerror or error}")
     if json_output:
-        typer.echo(json.dumps([group.as_dict() for group in kernel_stats(model)], indent=2))
+        typer.echo(json.dumps([group.as_dict() for group in groups], indent=2))
         return
     if stats:
         table = Table(
@@ -1036,7 +984,7 @@ def kernels_command(
         headings = ("group", "layers", "channels", "count", "window", "position std", "mean distance", "at edge")
         for heading in (*headings, "mean sigma", "mean |w|"):
             table.add_column(heading, justify="right")
-        for g in kernel_stats(model):
+        for g in groups:
             sigma = "-" if g.mean_sigma is None else f"{g.mean_sigma:.3f}"
             table.add_row(
                 str(g.group), str(g.layers), str(g.channels), str(g.count), str(g.window),

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import h5py
 
-from dclsify.surgery.checkpoint import load
-
+from ..surgery.checkpoint import load
 from .evaluate import Metrics, evaluate
 from .recipe import load_recipe
 from .synth import EVAL_CLIPS, TRAIN_CLIPS, make_sound_set
-from .train import train
+from .train import TrainError, TrainResult, train
 
 DEMO_FOLDER = Path("dclsify-demo")
 DEMO_SEED = 0
@@ -98,3 +97,36 @@ def demo(
         parameters = sum(p.numel() for p in load(result.best_checkpoint).parameters())
         runs.append(DemoRun(name, parameters, metrics, result.seconds, result.best_checkpoint))
     return DemoResult(runs, chance_map(eval_path), time.perf_counter() - started)
+
+
+def train_or_demo(
+    recipe: str | os.PathLike | None = None,
+    overrides: list[str] = (),
+    data: str | os.PathLike | list | None = None,
+    eval_data: str | os.PathLike | list | None = None,
+    out: str | os.PathLike | None = None,
+    resume: str | os.PathLike | None = None,
+    console=None,
+    **options,
+) -> TrainResult:
+    """What ``dclsify train`` runs. ``resume`` (a run directory) continues that run exactly as it was
+    recorded (give nothing else). Otherwise ``recipe`` (a built-in name or a TOML file; None: the
+    defaults) with ``overrides`` (``section.key=value``) trains on ``data`` into ``out`` (default
+    ``runs/RECIPE``); with no ``data`` (and no recipe or ``eval_data``) the demo's recipe trains on
+    the demo's sound set, made in ``dclsify-demo/data`` unless there. ``options`` are :func:`train`'s
+    (``overwrite``, ``trust_code``, ``audio_dir``, ``classes``, ...)."""
+    if resume is not None:
+        if recipe or overrides or data or eval_data or out or options.get("audio_dir") or options.get("classes"):
+            raise TrainError(
+                "--resume continues a run as it was recorded: give no --recipe, --set, --data, --eval-data or --out"
+            )
+        return train(out=resume, resume=True, console=console, **options)
+    if data is None:
+        if recipe is not None or eval_data is not None:
+            raise TrainError(
+                "no --data: give the training data (without --data, --recipe and --eval-data, the demo trains)"
+            )
+        data, eval_data = demo_data(console=console)
+        recipe = "demo"
+    run_dir = out or Path("runs") / (Path(recipe).stem if recipe else "default")
+    return train(load_recipe(recipe, overrides), data, eval_data, run_dir, console=console, **options)

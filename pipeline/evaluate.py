@@ -18,7 +18,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .sources import numbered_classes
+from ..surgery.audio import AudioConfig
+from ..surgery.checkpoint import load
+from ..surgery.files import atomic_path
+from .frontend import LogMel
+from .loader import make_loader
+from .sources import DataError, numbered_classes, open_source
 
 
 @dataclass
@@ -135,8 +140,6 @@ def metrics(scores, targets, multi_label: bool = True, class_names: list[str] | 
 def write_per_class_csv(metrics: Metrics, path: str | os.PathLike) -> None:
     """Write ``class,ap,positives`` (one row per class; ``ap`` empty for a class without
     positives) to ``path``, atomically: a reader never sees a half-written file."""
-    from dclsify.surgery.checkpoint import atomic_path
-
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["class", "ap", "positives"])
@@ -192,17 +195,13 @@ def evaluate(
     trust_code: bool = False,
     audio_dir: str | os.PathLike | None = None,
     classes: str | os.PathLike | None = None,
+    per_class: str | os.PathLike | None = None,
 ) -> Metrics:
     """Metrics of a dclsify checkpoint on ``data`` (any source ``open_source`` reads), heard as
     the model was trained: the clip format, the log-mel settings and sigmoid or softmax scores
     come from the checkpoint. Clips that cannot be read are left out and listed in
-    ``Metrics.unreadable``; ``audio_dir`` and ``classes`` are ``open_source``'s."""
-    from dclsify.surgery.checkpoint import load
-
-    from .frontend import AudioConfig, LogMel
-    from .loader import make_loader
-    from .sources import DataError, open_source
-
+    ``Metrics.unreadable``; ``audio_dir`` and ``classes`` are ``open_source``'s. ``per_class``,
+    when given, is a CSV file to write each class's AP to (:func:`write_per_class_csv`)."""
     device = torch.device(device)
     model = load(checkpoint, device=device, trust_code=trust_code)
     audio = model.audio or AudioConfig()
@@ -224,4 +223,6 @@ def evaluate(
     except ValueError as error:
         raise DataError(f"cannot score {data}: {error}") from None
     result.unreadable = unreadable
+    if per_class is not None:
+        write_per_class_csv(result, per_class)
     return result

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._version import __version__
+from ..surgery.files import atomic_path
 from .frontend import AudioConfig
 from .sources import ClipError, DataError, LabelledFiles, decode, open_source
 
@@ -73,8 +75,6 @@ def _identity(dataset: LabelledFiles, source, audio: AudioConfig) -> str:
 
 def layout_attributes(audio: AudioConfig, class_names: list[str], multi_label: bool) -> dict:
     """The attributes of a dclsify HDF5 file, which :class:`~dclsify.pipeline.sources.HDF5Clips` reads back."""
-    from dclsify import __version__
-
     return dict(
         sample_rate=audio.sample_rate,
         clip_seconds=audio.seconds,
@@ -255,8 +255,6 @@ def _write_skip_report(path: Path, skipped: list[tuple[str, str, str]]) -> None:
     if not skipped:
         path.unlink(missing_ok=True)
         return
-    from dclsify.surgery.checkpoint import atomic_path
-
     text = io.StringIO()
     writer = csv.writer(text)
     writer.writerow(["name", "path", "reason"])

@@ -22,8 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .frontend import AudioConfig, LogMel
-from .sources import AUDIO_EXTENSIONS, numbered_classes, read_mono, resample, to_clip
+from ..surgery.audio import AudioConfig
+from ..surgery.checkpoint import load
+from ..surgery.dcls import bake
+from .frontend import LogMel
+from .sources import AUDIO_EXTENSIONS, ClipError, numbered_classes, read_mono, resample, to_clip
 
 POOLINGS = ("max", "mean")
 
@@ -86,9 +89,6 @@ class Tagger:
         batch_size: int = 16,
         trust_code: bool = False,
     ) -> None:
-        from dclsify.surgery.checkpoint import load
-        from dclsify.surgery.dcls import bake
-
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         if batch_size < 1:
@@ -245,8 +245,6 @@ class _Decoded(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor | str]:
-        from .sources import ClipError
-
         try:  # a tensor: from a worker it travels through shared memory, not pickled through a pipe
             return self.paths[index], torch.from_numpy(read_mono(self.paths[index], self.sample_rate))
         except ClipError as error:

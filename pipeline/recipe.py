@@ -94,6 +94,12 @@ def valid_keys() -> list[str]:
     return [f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
+def default_values() -> dict[str, object]:
+    """Every recipe key (``section.key``, as ``--set`` takes it) with its default value."""
+    defaults = Recipe().as_dict()
+    return {key: defaults[key.split(".")[0]][key.split(".")[1]] for key in valid_keys()}
+
+
 def _unknown(key: str) -> RecipeError:
     keys = valid_keys()
     close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
@@ -211,6 +217,14 @@ def builtin_recipes() -> dict[str, Path]:
     """The recipes shipped with dclsify (``examples/recipes/*.toml``), by name."""
     folder = resources.files("dclsify").joinpath("examples", "recipes")
     return {Path(str(entry)).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".toml")}
+
+
+def describe_builtin_recipes() -> dict[str, str]:
+    """Each built-in recipe's name and what it is (its first comment line), sorted by name."""
+    return {
+        name: path.read_text().splitlines()[0].lstrip("# ").rstrip(":")
+        for name, path in sorted(builtin_recipes().items())
+    }
 
 
 def load_recipe(name_or_file: str | os.PathLike | None = None, overrides: list[str] = ()) -> Recipe:

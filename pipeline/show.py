@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..surgery.files import atomic_path
 from .augment import Augment, AugmentConfig
 from .frontend import LogMel, as_float
 from .sources import ClipDataset
@@ -22,8 +23,6 @@ def show_clip(dataset: ClipDataset, index: int, output: str | os.PathLike, seed:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from dclsify.surgery.checkpoint import atomic_path
 
     if not 0 <= index < len(dataset):
         raise IndexError(f"clip {index} does not exist: the data has {len(dataset)} clips (0 to {len(dataset) - 1})")

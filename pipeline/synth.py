@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..surgery.files import atomic_path
 from .frontend import AudioConfig
 from .pack import layout_attributes
 from .sources import to_clip
@@ -323,8 +324,6 @@ def make_sound_set(
     same names are replaced. Raises ValueError for fewer clips than classes in a split, a
     negative seed, a sample rate under 8 kHz or a clip too short for the front-end.
     """
-    from dclsify.surgery.checkpoint import atomic_path
-
     if min(train_clips, eval_clips) < len(SOUND_CLASSES):
         raise ValueError(
             f"each split needs at least {len(SOUND_CLASSES)} clips (one per class), got {train_clips} and {eval_clips}"

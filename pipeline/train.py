@@ -18,6 +18,7 @@ every random state and the position in the epoch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -26,6 +27,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..surgery.checkpoint import CheckpointError, convert, load, require_trust, save
+from ..surgery.dcls import Dcls2d
+from ..surgery.files import atomic_path
+from ..surgery.rewrite import SurgeryError
 from .augment import Augment
 from .evaluate import autocast, metrics, score_clips
 from .frontend import LogMel
@@ -105,8 +111,6 @@ def build_model(recipe: Recipe, num_classes: int, trust_code: bool = False) -> n
     """The model a recipe names, with a head of ``num_classes``: a timm backbone rewritten
     for audio (DCLS or, with ``model.dcls = false``, its DSC twin), or a dclsify checkpoint
     to fine-tune (a new head where its classes differ; ``model.freeze`` trains the head only)."""
-    from dclsify.surgery.checkpoint import CheckpointError, convert, load, require_trust
-    from dclsify.surgery.rewrite import SurgeryError
 
     m = recipe.model
     if m.num_classes and m.num_classes != num_classes:
@@ -174,7 +178,6 @@ def make_optimizer(t: TrainRecipe, model: nn.Module, lr: float) -> torch.optim.O
 
 
 def clamp_positions(model: nn.Module) -> None:
-    from dclsify.surgery.dcls import Dcls2d
 
     clamped = set()  # a stage's layers share one P: clamp it once
     with torch.no_grad():
@@ -207,8 +210,6 @@ def _random_states(augment: Augment, device: torch.device) -> list[dict]:
 
 def _set_random_states(states: list[dict], rank: int, augment: Augment, device: torch.device) -> None:
     if len(states) != (dist.get_world_size() if dist.is_initialized() else 1):
-        import warnings
-
         warnings.warn(
             f"the run was saved by {len(states)} processes and resumes on another number: it goes on, "
             "but not bit for bit as it would have",
@@ -258,7 +259,6 @@ def _say(progress, text: str) -> None:
 
 def _check_replicas(model: nn.Module, rank: int, metrics_path: Path) -> None:
     """Every rank must end with the same weights: DDP's promise, checked once."""
-    import hashlib
 
     digest = hashlib.sha256()
     for tensor in model.state_dict().values():
@@ -280,7 +280,6 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 
 
 def _save_checkpoint(run_dir: Path, state: dict, keep: int, best_step: int | None) -> Path:
-    from dclsify.surgery.checkpoint import atomic_path
 
     path = run_dir / "checkpoints" / f"step_{state['step']:07d}.pt"
     try:
@@ -320,8 +319,6 @@ def plot_curves(run_dir: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from dclsify.surgery.checkpoint import atomic_path
 
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in lines if "loss" in r]
@@ -495,7 +492,6 @@ def _recipe_of(recorded: dict) -> Recipe:
 def _run(
     recipe, model, train_set: ClipDataset, eval_set, run_dir, device, rank, world, resume, console, stop_after, started
 ):
-    from dclsify.surgery.checkpoint import save
 
     t = recipe.train
     multi_label = train_set.multi_label

@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 import difflib
-import errno
 import importlib.util
 import json
 import os
-import pickle
-import re
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
 from packaging.version import InvalidVersion, Version
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_model
+from safetensors.torch import save_model
 from torch import nn
 
+from .._version import __version__
+from .audio import AudioConfig
 from .dcls import Dcls2d, LargeKernelConv2d, bake
-from .rewrite import RewriteConfig, SurgeryError, rewrite
+from .files import CheckpointError, atomic_path, read_safetensors, read_state_dict, unreadable
+from .rewrite import RewriteConfig, SurgeryError, example_input, rewrite
+from .weights import ImportReport, check_strict, load_timm_weights
 
 FORMAT = "dclsify"
 METADATA_KEYS = (
@@ -62,32 +62,6 @@ ARCHITECTURE_KWARGS = frozenset(
         "num_init_features",
     }
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or rebuilt."""
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary file beside ``path`` to write; it replaces ``path`` when the block
-    succeeds and disappears when it fails, so ``path`` is never half-written."""
-    path = Path(path)
-    existing = next(folder for folder in (path.parent, *path.parent.parents) if folder.exists())
-    if not existing.is_dir():  # mkdir would say "File exists"
-        raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file, not a folder", str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 is not what a user expects of a saved file
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def code_path(source: str) -> Path | None:
@@ -150,96 +124,9 @@ def _from_file(source: str, **model_kwargs) -> nn.Module:
     return getattr(module, factory)(**model_kwargs)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file, on the CPU, unpickling nothing but tensors.
-
-    A ``.safetensors`` file is read with safetensors; anything else (``.pth``, ``.bin``,
-    ``.pt``) with ``torch.load(weights_only=True)``, which refuses a file that needs more
-    than tensors and plain containers (one that would run code as it unpickles). A
-    training checkpoint holding its state dict under ``"state_dict"`` or ``"model"`` works.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no such weights file: {path}")
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # torch's weights-only unpickler stops, running nothing, at the first thing that is not plain data
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        reason = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "")
-        found = re.search(r"GLOBAL ([\w.]+)", reason)
-        if found is None:
-            raise CheckpointError(f"{path} is not a readable PyTorch weights file ({reason[:200]})") from None
-        raise CheckpointError(
-            f"{path} holds pickled Python objects, not only tensors, and unpickling them could run code: "
-            f"refused (the first: {found.group(1)}); if you trust the file, load it yourself and save its "
-            "state dict with safetensors"
-        ) from None
-    except OSError as error:  # the file could not be read at all (permissions, a device error)
-        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
-    except Exception as error:  # noqa: BLE001 - what torch's unpickler raises on damaged bytes (even a KeyError)
-        if path.stat().st_size == 0:
-            raise CheckpointError(f"{path} is empty (0 bytes): not a PyTorch weights file") from None
-        # torch's first sentence says what failed; the rest is advice about its own format
-        detail = " ".join(str(error).split()).split(". ")[0][:200]
-        if not (isinstance(error, RuntimeError) and detail):  # a bare EOFError or KeyError: name it
-            detail = f"{type(error).__name__}: {detail}" if detail else type(error).__name__
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch weights file, truncated or damaged? ({detail})"
-        ) from None
-    if isinstance(loaded, dict):
-        loaded = next((loaded[k] for k in ("state_dict", "model") if isinstance(loaded.get(k), dict)), loaded)
-    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-    return loaded
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as error:
-        raise _unreadable(path, error) from None
-
-
-TORCH_PICKLES = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))  # a pickle's first two bytes
-
-
-def _unreadable(path: Path, error: Exception) -> CheckpointError:
-    """What is wrong with a file safetensors cannot read, in words (the format: 8 bytes giving
-    the JSON header's length, the header, then the tensors' bytes)."""
-    if isinstance(error, OSError):
-        return CheckpointError(f"cannot read {path}: {error.strerror or error}")
-    size = path.stat().st_size
-    with open(path, "rb") as file:
-        start = file.read(8)
-        header_length = int.from_bytes(start, "little")
-        header = file.read(min(header_length, size))
-    if size == 0:
-        reason = "it is empty (0 bytes)"
-    elif start[:4] == b"PK\x03\x04" or start[:2] in TORCH_PICKLES:
-        # a zip archive or a pickle: what torch.save writes
-        renamed = "once renamed .pth, " if path.suffix == ".safetensors" else ""
-        reason = f"it is a PyTorch (torch.save) file; {renamed}`dclsify import` makes a dclsify checkpoint of it"
-    elif size < 8:
-        reason = f"it is {size} bytes long, too short to hold a header"
-    elif header_length > size - 8:
-        reason = f"its header says it is {header_length:,} bytes long, but the file holds {size:,} bytes"
-    else:
-        try:
-            json.loads(header)
-            reason = f"its tensors do not fill the file as its header says: truncated or damaged ({error})"
-        except ValueError:
-            reason = "its header is not JSON"
-    return CheckpointError(f"{path} is not a readable safetensors file: {reason}")
-
-
 def timm_name(source: str) -> str:
     """The timm model that ``timm:NAME`` (or a bare ``NAME``) names; an unknown one is a
     :class:`SurgeryError` naming the closest known names."""
-    import timm
-
     name = source.removeprefix("timm:")
     if ":" in name:
         raise SurgeryError(f"unknown model source {source!r}: use timm:NAME or file:PATH.py:FACTORY")
@@ -253,8 +140,6 @@ def timm_name(source: str) -> str:
 def create_source(source: str, **model_kwargs) -> nn.Module:
     """The model a source names, with random weights: ``timm:NAME`` (or a bare timm name),
     or ``file:PATH.py:FACTORY`` (``FACTORY(**model_kwargs)`` from a Python file). Nothing is downloaded."""
-    import timm
-
     if source.startswith("file:"):
         return _from_file(source, **model_kwargs)
     if Path(source).is_file():
@@ -275,13 +160,11 @@ def convert(
     ``pretrained`` is a local file of the timm model's weights (e.g. ImageNet: .safetensors,
     .pth or .bin, read tensors-only by :func:`read_state_dict`), loaded into the rewritten
     model as ``dclsify import --model timm:NAME`` does it
-    (:func:`~dclsify.surgery.importer.load_timm_weights`: the RGB stem adapted to the audio
+    (:func:`~dclsify.surgery.weights.load_timm_weights`: the RGB stem adapted to the audio
     stem, the head and the new Dcls2d layers started afresh); the model's ``imported`` says
     what went where. A file with any tensor that no rule explains is refused
     (:func:`~dclsify.import_checkpoint` is lenient unless ``strict``).
     """
-    from .importer import ImportReport, check_strict, load_timm_weights
-
     model_kwargs = dict(model_kwargs or {})
     check_model_kwargs(source, model_kwargs)
     if pretrained is not None and code_path(source) is not None:
@@ -296,6 +179,45 @@ def convert(
         load_timm_weights(model, state_dict, model.imported)
         check_strict(model.imported, strict=True)
     return model
+
+
+@dataclass(frozen=True)
+class Converted:
+    """What :func:`convert_to_file` made: the model, where it went, and its output on an example input."""
+
+    model: nn.Module
+    path: Path
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+
+
+def convert_to_file(
+    source: str,
+    path: str | os.PathLike | None = None,
+    model_kwargs: dict | None = None,
+    pretrained: str | os.PathLike | None = None,
+    **rewrite_args,
+) -> Converted:
+    """:func:`convert`, run once on a zero spectrogram (a model that fails on it is a
+    :class:`SurgeryError`, and nothing is written), then written by :func:`save` to ``path`` (by
+    default ``NAME_dcls.safetensors``, or ``NAME_dsc.safetensors`` with ``dcls=False``, in the
+    current folder): what ``dclsify convert`` does."""
+    model = convert(source, model_kwargs, pretrained=pretrained, **rewrite_args).eval()
+    example = example_input(model, model.dclsify.config)
+    try:
+        with torch.no_grad():
+            output_shape = tuple(model(example).shape)
+    except Exception as error:  # noqa: BLE001 - the model's own error, about the example
+        raise SurgeryError(
+            f"the rewritten model fails on a {tuple(example.shape)} input: {type(error).__name__}: {error}"
+        ) from None
+    name = source.rsplit(":", 1)[-1]  # the timm name, or a file: source's factory
+    path = Path(path or f"{name}_{'dcls' if rewrite_args.get('dcls', True) else 'dsc'}.safetensors")
+    try:
+        save(model, path)
+    except OSError as error:
+        raise CheckpointError(f"cannot write {path}: {error.strerror or error}") from None
+    return Converted(model, path, tuple(example.shape), output_shape)
 
 
 def _head_size(model: nn.Module) -> int | None:
@@ -328,14 +250,10 @@ def save(
     Parameters shared between layers (synchronised ``P``/``SIG``) are stored once. The
     write goes through a temporary file: an interrupted save never leaves a partial
     file under ``path``. ``class_names``, when given, name the head's outputs; ``audio``
-    (an :class:`~dclsify.pipeline.frontend.AudioConfig`) records the clip format and log-mel
+    (an :class:`~dclsify.surgery.audio.AudioConfig`) records the clip format and log-mel
     settings the model was trained with, and ``multi_label`` whether its scores are sigmoids
     (multi-label, BCE) or a softmax (one label a clip), so that evaluation and inference need no flags.
     """
-    import timm
-
-    from dclsify import __version__
-
     report = getattr(model, "dclsify", None)
     if report is None or getattr(report, "source", None) is None:
         raise CheckpointError("save() needs a model made by dclsify.convert(), which knows its source")
@@ -369,8 +287,6 @@ def read_metadata(path: str | os.PathLike) -> dict:
     """The decoded metadata of a dclsify checkpoint, checked: every key this dclsify writes
     and no other, each of its type, the rewrite arguments in their ranges, the model
     arguments those :func:`check_model_kwargs` allows. Nothing is built and no code runs."""
-    from dclsify import __version__
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no such checkpoint: {path}")
@@ -379,7 +295,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
             raw = reader.metadata() or {}
             tensor_names = set(reader.keys())
     except (SafetensorError, OSError) as error:
-        raise _unreadable(path, error) from None
+        raise unreadable(path, error) from None
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a dclsify checkpoint (no rebuild metadata)")
     try:
@@ -432,8 +348,6 @@ def _audio_settings(path: Path, text: str | None):
     """The checkpoint's front-end settings as an AudioConfig, or None where it records none."""
     if text is None:
         return None
-    from dclsify.pipeline.frontend import AudioConfig
-
     try:
         values = json.loads(text)
         if not isinstance(values, dict):
@@ -469,7 +383,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", trust_code
         raise CheckpointError(f"{path}: metadata: {error}") from None
     if metadata[BAKED_KEY]:
         model = bake(model)  # the layers of a dense checkpoint: their kernels come from the file
-    weights = _read_safetensors(Path(path))  # whatever its suffix: read_metadata found a safetensors file
+    weights = read_safetensors(Path(path))  # whatever its suffix: read_metadata found a safetensors file
     _check_weights(path, weights, model)
     model.load_state_dict(weights, strict=False)  # what strict would call missing: aliases of a stored tensor
     model.class_names = metadata["class_names"]

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from .checkpoint import create_source, load
 from .dcls import Dcls2d
-from .rewrite import SurgeryError, example_input, propagate_shapes, trace
+from .rewrite import SurgeryError, example_input, propagate_shapes, rewrite, trace
 
 
 @dataclass
@@ -128,6 +131,19 @@ def graph_diff(original: nn.Module, rewritten: nn.Module) -> GraphDiff:
         nodes_before=graph_listing(before, original),
         nodes_after=graph_listing(after, rewritten, groups),
     )
+
+
+def diff_source(model: str | os.PathLike, trust_code: bool = False, **rewrite_args) -> GraphDiff:
+    """What a rewrite changes, as ``dclsify diff`` shows it: ``model`` is a timm model
+    (``timm:NAME``, or ``file:PATH.py:FACTORY``) rewritten with ``rewrite_args``, or a dclsify
+    checkpoint, compared with the model its metadata names (``trust_code`` as :func:`load`'s)."""
+    if Path(model).is_file():
+        rewritten = load(model, trust_code=trust_code)
+        original = create_source(rewritten.dclsify.source, **rewritten.dclsify.model_kwargs)
+    else:
+        original = create_source(str(model))
+        rewritten = rewrite(original, **rewrite_args)
+    return graph_diff(original, rewritten)
 
 
 def _own_parameters(module: nn.Module, shares_positions: bool) -> int:

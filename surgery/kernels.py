@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import load
 from .dcls import SIGMA_FLOOR, Dcls2d
+from .files import atomic_path
 
 
 @dataclass
@@ -90,8 +92,6 @@ def plot_kernels(model: nn.Module, path: str | os.PathLike, channels: int = 3, t
     import matplotlib.pyplot as plt
     from matplotlib.collections import EllipseCollection
     from matplotlib.patches import Rectangle
-
-    from .checkpoint import atomic_path
 
     groups = dcls_groups(model)
     if not groups:
@@ -184,3 +184,17 @@ def plot_kernels(model: nn.Module, path: str | os.PathLike, channels: int = 3, t
         figure.savefig(temporary, format="png", dpi=100)
     plt.close(figure)
     return path
+
+
+def draw_kernels(
+    checkpoint: str | os.PathLike, path: str | os.PathLike, channels: int = 3, trust_code: bool = False
+) -> tuple[Path, list[GroupStats]]:
+    """What ``dclsify kernels`` does: a checkpoint's learned kernels drawn to ``path``
+    (:func:`plot_kernels`), and each group's statistics (:func:`kernel_stats`). A checkpoint
+    without Dcls2d layers (a DSC model, a baked export) is a ``ValueError`` naming it."""
+    model = load(checkpoint, trust_code=trust_code)
+    try:
+        drawn = plot_kernels(model, path, channels, title=f"{Path(checkpoint).name}: learned DCLS kernels")
+    except ValueError as error:
+        raise ValueError(f"{checkpoint}: {error}") from None
+    return drawn, kernel_stats(model)

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
+import timm
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -168,6 +169,22 @@ def is_depthwise(module: nn.Module) -> bool:
 
 def depthwise_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
     return {name: m for name, m in model.named_modules() if is_depthwise(m)}
+
+
+def survey_families(progress: Callable[[str], None] | None = None) -> list[tuple[backbones.Family, dict[str, int]]]:
+    """Each family known to work, with the depthwise convolutions of its first example model
+    counted by kernel size (``{"3x3": 1, "7x7": 18}``): what ``dclsify models`` lists.
+    ``progress`` is called with each model's name before it is built."""
+    surveyed = []
+    for family in backbones.FAMILIES.values():
+        if progress is not None:
+            progress(family.examples[0])
+        sizes: dict[str, int] = {}
+        for conv in depthwise_convs(timm.create_model(family.examples[0], pretrained=False)).values():
+            key = "x".join(map(str, conv.kernel_size))
+            sizes[key] = sizes.get(key, 0) + 1
+        surveyed.append((family, dict(sorted(sizes.items()))))
+    return surveyed
 
 
 def _stem_geometry(stem) -> tuple[tuple[int, int], tuple[int, int]] | None:

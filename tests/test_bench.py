@@ -6,7 +6,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from dclsify import Dcls2d
-from dclsify.surgery.bench import (
+from dclsify.pipeline.bench import (
     ModelResult,
     Throughput,
     Variant,
@@ -71,7 +71,7 @@ def test_bench_models_checks_its_arguments_first(kwargs, error, message):
 
 def test_the_training_step_is_the_trainers(monkeypatch):
     from dclsify.pipeline import train
-    from dclsify.surgery.bench import _training_step
+    from dclsify.pipeline.bench import _training_step
 
     a = Dcls2d(4, 4, 5, padding=3, dilated_kernel_size=7, groups=4)
     b = Dcls2d(4, 4, 5, padding=3, dilated_kernel_size=7, groups=4)
@@ -100,7 +100,7 @@ def _pair(name: str) -> ModelResult:
 
 
 def test_a_model_out_of_memory_is_reported_and_the_others_measured(monkeypatch):
-    from dclsify.surgery import bench
+    from dclsify.pipeline import bench
 
     def fake(name, *args, **kwargs):
         if name == "convnext_atto":
@@ -117,7 +117,7 @@ def test_a_model_out_of_memory_is_reported_and_the_others_measured(monkeypatch):
 
 def test_a_gpu_run_prints_the_gpu_its_libraries_and_memory(monkeypatch):
     from dclsify import cli
-    from dclsify.surgery import bench
+    from dclsify.pipeline import bench
 
     setup = bench.environment("cpu") | {
         "device": "cuda",

@@ -208,7 +208,7 @@ def test_bench_model_prints_table_1_and_writes_json(tmp_path, monkeypatch):
 
     import torch
 
-    from dclsify.surgery import bench
+    from dclsify.pipeline import bench
 
     real = bench.bench_models
     # convnext_atto on a short spectrogram keeps this a smoke test; the figures are for the benchmark
@@ -240,7 +240,7 @@ def test_bench_model_prints_table_1_and_writes_json(tmp_path, monkeypatch):
 
 
 def test_bench_model_user_errors_come_before_any_measurement(monkeypatch):
-    from dclsify.surgery import bench
+    from dclsify.pipeline import bench
 
     monkeypatch.setattr(bench, "bench_model", lambda *a, **k: pytest.fail("measured before checking its arguments"))
     for args, expected in [

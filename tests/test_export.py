@@ -17,12 +17,12 @@ from typer.testing import CliRunner
 
 from dclsify import CheckpointError, Dcls2d, LargeKernelConv2d, cli, convert, load, save
 from dclsify.cli import app
+from dclsify.pipeline import export as export_module
+from dclsify.pipeline.export import ExportError, export
 from dclsify.pipeline.frontend import AudioConfig, LogMel
 from dclsify.pipeline.predict import Tagger
 from dclsify.pipeline.synth import make_clip
-from dclsify.surgery import export as export_module
 from dclsify.surgery.checkpoint import read_metadata
-from dclsify.surgery.export import ExportError, export
 
 runner = CliRunner()
 AUDIO = AudioConfig(sample_rate=8000, seconds=0.5, n_fft=256, hop_length=64, n_mels=32)  # (32, 63) log-mels

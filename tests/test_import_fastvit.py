@@ -27,7 +27,7 @@ from torch import nn
 
 import dclsify
 from dclsify import CheckpointError
-from dclsify.surgery import importer
+from dclsify.pipeline import importer
 
 WINDOW, COUNT = 23, 26
 DIMS, DEPTHS = (64, 128, 256, 512), (4, 4, 12, 4)

@@ -1,6 +1,7 @@
 """GPU kernels, GPU time and wall time per training step of ConvNeXt-T audio, DCLS and its DSC twin
 (bench-model's training step: bf16 autocast, BCE, backward, AdamW, clamp), from torch's profiler.
-Works on older trees too: it only uses create_source, rewrite, chosen_algorithms and bench._training_step."""
+Works on older trees too: it only uses create_source, rewrite, chosen_algorithms and the model
+benchmark's _training_step."""
 
 import argparse
 import json
@@ -9,7 +10,10 @@ import time
 import torch
 from torch.autograd import DeviceType
 
-from dclsify.surgery.bench import _training_step
+try:
+    from dclsify.pipeline.bench import _training_step
+except ImportError:  # a tree before the one-way layers: the model benchmark lived in surgery/
+    from dclsify.surgery.bench import _training_step
 from dclsify.surgery.checkpoint import create_source, timm_name
 from dclsify.surgery.conv import chosen_algorithms
 from dclsify.surgery.rewrite import rewrite

@@ -21,8 +21,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import atomic_path, load, save
-from .dcls import LargeKernelConv2d, bake, plain_conv2d
+from .._version import __version__
+from ..surgery.checkpoint import load, save
+from ..surgery.dcls import LargeKernelConv2d, bake, plain_conv2d
+from ..surgery.files import atomic_path
+from ..surgery.rewrite import example_input
+from .frontend import LogMel
 
 FORMATS = ("dense", "onnx", "torchscript")
 TOLERANCE = 1e-4  # largest difference of logits, exported against original, that an export may show
@@ -53,8 +57,6 @@ class WaveformModel(nn.Module):
     """The log-mel front-end and a model as one: (batch, samples) float waveforms in [-1, 1] -> logits."""
 
     def __init__(self, model: nn.Module, audio) -> None:
-        from dclsify.pipeline.frontend import LogMel
-
         super().__init__()
         self.frontend = LogMel(audio)
         self.model = model
@@ -119,8 +121,6 @@ def export(
     random batch; when their logits differ by more than ``tolerance`` an :class:`ExportError`
     is raised and nothing is written, as when anything else fails.
     """
-    from dclsify import __version__
-
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}: use {', '.join(FORMATS)}")
     if Path(path).is_dir():
@@ -194,8 +194,6 @@ def _input(model: nn.Module, audio, with_frontend: bool) -> tuple[str, tuple[int
             f"float32 mono waveforms of {audio.seconds:g} s at {audio.sample_rate} Hz in [-1, 1] (int16 / 32768)"
         )
         return "waveform", (audio.samples,), described
-    from .rewrite import example_input
-
     channels = example_input(model, model.dclsify.config).shape[1]
     size = model.dclsify.config.input_size if audio is None else audio.input_size
     return "log_mel", (channels, *size), "normalised log-mels (dclsify's LogMel)"

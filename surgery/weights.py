@@ -1,54 +1,26 @@
-"""Foreign weights into dclsify models: the paper's six released checkpoints and timm's ImageNet weights.
+"""Foreign weights onto a dclsify model: each tensor copied where it fits, and a report, by name, of
+everything adapted, dropped or left as initialised.
 
-A foreign state dict goes through its family's mapping (``checkpoint_filter_fn`` in
-``backbones/<family>.py`` for the DCLS-Audio layout; timm's own filter for timm weights)
-onto the keys of our rewritten timm model, then :func:`load_mapped` copies what fits and
-writes down, by name, everything it adapted, dropped or left as initialised.
-:func:`load_timm_weights` is also what ``convert(..., pretrained=FILE)`` loads timm weights with.
+A foreign state dict goes through a family's mapping (timm's own ``checkpoint_filter_fn`` for timm
+weights; ours in ``backbones/<family>.py`` for the DCLS-Audio layout) onto our model's keys, then
+:func:`load_mapped` copies what fits. :func:`load_timm_weights` is what ``convert(...,
+pretrained=FILE)`` and ``dclsify import --model timm:NAME`` load timm (ImageNet) weights with.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+from timm.layers import resample_patch_embed
+from timm.models import adapt_input_conv
 from torch import nn
 
-from ..backbones import family_of
 from ..backbones.registry import map_key_by_key
-from .checkpoint import CheckpointError, convert, read_state_dict
-from .rewrite import RewriteConfig, SurgeryError
+from .files import CheckpointError
 
 STEM_MODES = ("adapt", "init")
-
-
-@dataclass(frozen=True)
-class PaperModel:
-    """One of the models released with the paper (DCLS-Audio), and the timm model it becomes.
-
-    ``marker`` is a key only that family's files hold; DCLS files also hold ``.P`` keys."""
-
-    name: str
-    source: str
-    dcls: bool
-    marker: str
-
-
-PAPER_MODELS = {
-    m.name: m
-    for m in (
-        PaperModel("convnext_audio_tiny", "timm:convnext_tiny", False, "downsample_layers.0.0.weight"),
-        PaperModel("convnext_dcls_audio_tiny", "timm:convnext_tiny", True, "downsample_layers.0.0.weight"),
-        PaperModel("convformer_audio_s18", "timm:convformer_s18", False, "downsample_layers.0.conv.weight"),
-        PaperModel("convformer_dcls_audio_s18", "timm:convformer_s18", True, "downsample_layers.0.conv.weight"),
-        PaperModel("fastvit_audio_sa24", "timm:fastvit_sa24", False, "patch_embed.weight"),
-        PaperModel("fastvit_dcls_audio_sa24", "timm:fastvit_sa24", True, "patch_embed.weight"),
-    )
-}
-PAPER_CLASSES = 527  # AudioSet
 
 
 @dataclass
@@ -68,18 +40,6 @@ class ImportReport:
     dropped: list[tuple[str, str]] = field(default_factory=list)
     initialised: list[tuple[str, str]] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)
-
-
-def detect_paper_model(state_dict: dict[str, torch.Tensor]) -> PaperModel | None:
-    """Which of the six released models a DCLS-Audio state dict is, from its keys and its stem's
-    shape (one input channel, a (2, 16) kernel: not the RGB stem of an ImageNet file of the
-    same layout); None if none."""
-    dcls = any(key.endswith(".P") for key in state_dict)
-    for paper in PAPER_MODELS.values():
-        stem = state_dict.get(paper.marker)
-        if stem is not None and tuple(stem.shape[1:]) == (1, 2, 16) and paper.dcls == dcls:
-            return paper
-    return None
 
 
 def shared_groups(model: nn.Module) -> list[list[str]]:
@@ -152,19 +112,7 @@ def check_strict(report: ImportReport, strict: bool) -> None:
         raise CheckpointError(f"{report.path}: {count} do not fit {report.model}: {listed}{more}")
 
 
-def import_paper_checkpoint(state_dict: dict[str, torch.Tensor], paper: PaperModel, report: ImportReport) -> nn.Module:
-    """A DCLS-Audio model's weights in our rewritten timm model (kernel 23, count 26,
-    positions shared per stage, the (2, 16) stem, 527 classes), through its family's
-    ``checkpoint_filter_fn``."""
-    model = convert(paper.source, {}, num_classes=PAPER_CLASSES, dcls=paper.dcls)
-    family = family_of(model)
-    if family is None or family.checkpoint_filter_fn is None:
-        raise CheckpointError(f"no mapping of DCLS-Audio checkpoints for {paper.source}")
-    load_mapped(model, _mapped(family.checkpoint_filter_fn, state_dict, model, report), report)
-    return model
-
-
-def _mapped(filter_fn, state_dict, model: nn.Module, report: ImportReport) -> dict[str, torch.Tensor]:
+def mapped_by(filter_fn, state_dict, model: nn.Module, report: ImportReport) -> dict[str, torch.Tensor]:
     """``filter_fn(state_dict, model)``; a file it cannot map is one error naming the file."""
     try:
         return dict(filter_fn(state_dict, model))
@@ -186,13 +134,12 @@ def load_timm_weights(
     to its kernel (``stem="adapt"``) or started afresh (``"init"``); a head of another size
     is dropped for the new one; layers that became Dcls2d start afresh.
     """
-    from timm.layers import resample_patch_embed
-    from timm.models import adapt_input_conv
-
     if stem not in STEM_MODES:
         raise CheckpointError(f"stem must be one of {STEM_MODES}, got {stem!r}")
     timm_filter = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-    mapped = _mapped(_whole_or_key_by_key(timm_filter), state_dict, model, report) if timm_filter else dict(state_dict)
+    mapped = dict(state_dict)
+    if timm_filter is not None:
+        mapped = mapped_by(_whole_or_key_by_key(timm_filter), state_dict, model, report)
     own = model.state_dict()
     expected_new, expected_dropped = {}, {}
 
@@ -259,70 +206,3 @@ def _by(size) -> str:
 def _prefix(model: nn.Module, module: nn.Module) -> str:
     """The state-dict prefix of ``module``'s tensors within ``model``."""
     return next(f"{name}." for name, m in model.named_modules() if m is module)
-
-
-def import_checkpoint(
-    path: str | os.PathLike,
-    model: str | None = None,
-    strict: bool = False,
-    stem: str = "adapt",
-    num_classes: int = PAPER_CLASSES,
-    **rewrite_args,
-) -> nn.Module:
-    """A dclsify model holding the weights of a foreign checkpoint, with ``model.imported``,
-    an :class:`ImportReport` of what went where.
-
-    ``path`` is read tensors-only (:func:`~dclsify.surgery.checkpoint.read_state_dict`: a
-    ``.pth`` that needs more than tensors is refused, nothing is unpickled). ``model`` is
-    one of :data:`PAPER_MODELS` (found from the file's keys when None) or ``timm:NAME`` for
-    a timm model's (ImageNet) weights, which are given the audio stem (``stem``: adapt or
-    init), a new head of ``num_classes`` and the rewrite ``rewrite_args`` (kernel, count,
-    dcls...). ``strict`` refuses a file with any tensor no rule explains (report.problems).
-
-    A paper model comes back with AudioSet's class names, the paper's front-end settings
-    (``model.audio``) and sigmoid scores (``model.multi_label``), as :func:`~dclsify.load` gives them.
-    """
-    from dclsify.pipeline.frontend import AudioConfig
-    from dclsify.pipeline.sources import audioset_classes
-
-    if stem not in STEM_MODES:
-        raise CheckpointError(f"stem must be one of {STEM_MODES}, got {stem!r}")
-    path = Path(path)
-    state_dict = read_state_dict(path)
-    if model is None:
-        paper = detect_paper_model(state_dict)
-        if paper is None:
-            raise CheckpointError(
-                f"{path} is not one of the paper's released models (no DCLS-Audio keys): name the model with "
-                f"--model (one of {', '.join(PAPER_MODELS)}, or timm:NAME for a timm model's weights)"
-            )
-    elif model in PAPER_MODELS:
-        paper = PAPER_MODELS[model]
-    elif model.startswith("timm:"):
-        paper = None
-    else:
-        raise CheckpointError(f"unknown model {model!r}: one of {', '.join(PAPER_MODELS)}, or timm:NAME")
-    report = ImportReport(str(path), paper.name if paper else model)
-    try:
-        if paper is not None:
-            defaults = RewriteConfig()
-            changed = [f"{k}={v!r}" for k, v in rewrite_args.items() if getattr(defaults, k, None) != v]
-            changed += [f"stem={stem!r}"] if stem != "adapt" else []
-            changed += [f"num_classes={num_classes}"] if num_classes != PAPER_CLASSES else []
-            if changed:
-                raise CheckpointError(
-                    f"{paper.name} is imported as released: {', '.join(changed)} apply to timm weights only"
-                )
-            result = import_paper_checkpoint(state_dict, paper, report)
-            result.class_names = [c.name for c in audioset_classes()]
-            result.audio, result.multi_label = AudioConfig(), True
-        else:
-            result = convert(model, {}, num_classes=num_classes, **rewrite_args)
-            load_timm_weights(result, state_dict, report, stem)
-            result.class_names = result.audio = result.multi_label = None
-    except SurgeryError as error:
-        raise CheckpointError(str(error)) from None
-    check_strict(report, strict)
-    result.dclsify.pretrained = str(path)  # provenance, recorded by save()
-    result.imported = report
-    return result
