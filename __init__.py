@@ -16,6 +16,7 @@ __all__ = [
     "Tagger",
     "__version__",
     "bake",
+    "build_model",
     "convert",
     "dcls_kernel",
     "export",
@@ -28,7 +29,7 @@ __all__ = [
 ]
 
 
-PIPELINE_NAMES = ("ExportError", "Tagger", "export", "import_checkpoint")
+PIPELINE_NAMES = ("ExportError", "Tagger", "build_model", "export", "import_checkpoint")
 
 
 def __getattr__(name: str):
@@ -40,6 +41,8 @@ def __getattr__(name: str):
         from .pipeline import predict as module
     elif name == "import_checkpoint":
         from .pipeline import importer as module
+    elif name == "build_model":
+        from .pipeline import train as module
     else:
         raise AttributeError(f"module 'dclsify' has no attribute {name!r}")
     return getattr(module, name)

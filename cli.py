@@ -724,9 +724,16 @@ def train_command(
     trust_code: bool = typer.Option(False, "--trust-code", help="Allow a file: model source to run its Python file."),
     list_keys: bool = typer.Option(False, "--list-keys", help="List every recipe key with its default, and exit."),
     list_recipes: bool = typer.Option(False, "--list-recipes", help="List the built-in recipes, and exit."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Show what the run would use (batch, lr, steps, data, model), without training."
+    ),
+    processes: int | None = typer.Option(
+        None, "--processes", min=1, help="With --dry-run: plan for N processes (default: WORLD_SIZE, else 1)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print one JSON object."),
 ) -> None:
     """Train an audio tagger with the paper's recipe (or yours); without --data, on the demo's sound set."""
-    from dclsify.pipeline.demo import train_or_demo
+    from dclsify.pipeline.demo import plan_or_demo, train_or_demo
     from dclsify.pipeline.recipe import RecipeError, default_values, describe_builtin_recipes
     from dclsify.pipeline.sources import DataError
     from dclsify.pipeline.train import TrainError
@@ -739,6 +746,20 @@ def train_command(
         for key, default in default_values().items():
             console.print(f"{key} = {json.dumps(default)}", soft_wrap=True, highlight=False)
         return
+    if (processes is not None or as_json) and not dry_run:
+        fail("--processes and --json go with --dry-run")
+    if dry_run:
+        if resume is not None:
+            fail("--dry-run plans a new run: --resume continues one as it was recorded")
+        try:
+            plan = plan_or_demo(recipe, overrides, data, out, processes, audio_dir=audio_dir, classes=labels)
+        except (RecipeError, DataError, TrainError) as error:
+            fail(str(error))
+        if as_json:
+            print(json.dumps(plan.as_dict(), indent=2))
+        else:
+            _print_plan(plan)
+        return
     options = dict(overwrite=overwrite, trust_code=trust_code, audio_dir=audio_dir, classes=labels)
     try:
         result = train_or_demo(recipe, overrides, data, eval_data, out, resume, console, **options)
@@ -747,6 +768,47 @@ def train_command(
     _report_run(result)
     if result.interrupted:
         raise typer.Exit(130)
+
+
+def _print_plan(plan) -> None:
+    """--dry-run's report: the derived values first, then every recipe key as resolved."""
+    t, m = plan.recipe.train, plan.recipe.model
+    unknown = "? (give --data)"
+    lines = [
+        (
+            "model",
+            f"{m.source}, {plan.parameters:,} parameters"
+            + ("" if plan.trainable == plan.parameters else f" ({plan.trainable:,} trained)"),
+        ),
+        ("classes", f"{plan.classes} ({plan.classes_from})"),
+        ("clips", unknown if plan.clips is None else f"{plan.clips:,}"),
+        ("batch", plan.batch.describe()),
+        (
+            "lr",
+            (plan.batch.describe_lr() or "").removeprefix("lr ")
+            or f"{plan.batch.lr:.3g}, the recipe's rate at its global batch of {plan.batch.global_batch}",
+        ),
+        (
+            "steps",
+            unknown
+            if plan.steps is None
+            else (
+                f"{plan.steps_per_epoch:,} per epoch x {t.epochs} epochs = {plan.steps:,} "
+                f"({plan.warmup_steps:,} warm-up)"
+            ),
+        ),
+        (
+            "run",
+            f"{plan.run_dir}: config.json, metrics.jsonl, curves.png, best.safetensors; "
+            f"checkpoints/step_*.pt every {t.checkpoint_every} steps and each epoch, the last {t.keep} kept",
+        ),
+    ]
+    for name, text in lines:
+        console.print(f"[bold]{name:8}[/]{escape(text)}", soft_wrap=True, highlight=False)
+    for section, values in plan.recipe.as_dict().items():
+        console.print(f"\n[bold]\\[{section}][/]", highlight=False)
+        for key, value in values.items():
+            console.print(f"{key} = {json.dumps(value)}", soft_wrap=True, highlight=False)
 
 
 def _report_run(result) -> None:

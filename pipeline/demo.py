@@ -18,6 +18,7 @@ import h5py
 
 from ..surgery.checkpoint import load
 from .evaluate import Metrics, evaluate
+from .plan import RunPlan, plan_run
 from .recipe import load_recipe
 from .synth import EVAL_CLIPS, TRAIN_CLIPS, make_sound_set
 from .train import TrainError, TrainResult, train
@@ -128,5 +129,27 @@ def train_or_demo(
             )
         data, eval_data = demo_data(console=console)
         recipe = "demo"
-    run_dir = out or Path("runs") / (Path(recipe).stem if recipe else "default")
-    return train(load_recipe(recipe, overrides), data, eval_data, run_dir, console=console, **options)
+    return train(load_recipe(recipe, overrides), data, eval_data, _run_dir(recipe, out), console=console, **options)
+
+
+def plan_or_demo(
+    recipe: str | os.PathLike | None = None,
+    overrides: list[str] = (),
+    data: str | os.PathLike | list | None = None,
+    out: str | os.PathLike | None = None,
+    processes: int | None = None,
+    **options,
+) -> RunPlan:
+    """What :func:`train_or_demo` would run, worked out without training (:func:`plan_run`):
+    without ``data`` and ``recipe``, the demo's recipe on the demo's sound set where it is made
+    (nothing is generated). ``options``: ``audio_dir``, ``classes``, ``trust_code``."""
+    if data is None and recipe is None:
+        recipe = "demo"
+        paths = (DEMO_FOLDER / "data" / "train.h5", DEMO_FOLDER / "data" / "eval.h5")
+        if all(_is_demo_set(path, clips) for path, clips in zip(paths, (TRAIN_CLIPS, EVAL_CLIPS), strict=True)):
+            data = paths[0]
+    return plan_run(recipe, data, processes, _run_dir(recipe, out), overrides, **options)
+
+
+def _run_dir(recipe: str | os.PathLike | None, out: str | os.PathLike | None) -> Path:
+    return Path(out) if out else Path("runs") / (Path(recipe).stem if recipe else "default")

@@ -156,17 +156,28 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def fp32_logits(model, x: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    """Logits computed in fp32 whatever ``precision``: bf16 logits keep 8 bits of mantissa, so
+    many scores tie, which lowers average precision. The body runs at ``precision`` and the head
+    in fp32 where the model has timm's ``forward_features``/``forward_head``; otherwise all in fp32."""
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        return model(x).float()
+    with autocast(device, precision):
+        features = model.forward_features(x)
+    return model.forward_head(features.float()).float()
+
+
 def score_clips(model, loader, frontend, device, precision, multi_label):
-    """Scores (sigmoid, or softmax for single-label models) and targets of every readable clip
-    of the loader, in dataset order, and the clips that could not be read (left out, not
-    stood in for); under DDP gathered from all ranks, each clip exactly once."""
+    """Scores (sigmoid, or softmax for single-label models) of fp32 logits (:func:`fp32_logits`)
+    and targets of every readable clip of the loader, in dataset order, and the clips that
+    could not be read (left out, not stood in for); under DDP gathered from all ranks, each
+    clip exactly once."""
     model.eval()
     indices, scores, targets, unreadable = [], [], [], []
     with torch.no_grad():
         for batch in loader:
             waveforms = batch.waveforms.to(device, non_blocking=True)
-            with autocast(device, precision):
-                logits = model(frontend(waveforms)).float()
+            logits = fp32_logits(model, frontend(waveforms), device, precision)
             read = ~batch.replaced.numpy()
             scores.append((torch.sigmoid(logits) if multi_label else logits.softmax(-1)).cpu().numpy()[read])
             targets.append(batch.targets.numpy()[read])

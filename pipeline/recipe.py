@@ -52,9 +52,9 @@ class TrainRecipe:
     epochs: int = 60
     warmup_epochs: float = 20.0
     batch_size: int = 64  # per process
-    accumulate: int = 1  # micro-batches per optimiser step
-    lr: float = 4e-3  # at reference_batch clips per step, scaled linearly with the real global batch
-    reference_batch: int = 4096
+    global_batch: int = 4096  # clips per optimiser step, all processes; 0: batch_size x processes
+    lr: float = 4e-3  # the rate at reference_batch clips per step, scaled linearly to the global batch
+    reference_batch: int = 4096  # 0: lr is the rate at the global batch, as given
     min_lr: float = 1e-6
     position_lr_scale: float = 5.0  # P and SIG learn this much faster, without weight decay
     weight_decay: float = 0.05  # none on biases, norms, P and SIG
@@ -161,8 +161,9 @@ def _check(recipe: Recipe) -> Recipe:
     problems = [
         (t.epochs >= 1, "train.epochs must be at least 1"),
         (0 <= t.warmup_epochs < t.epochs, "train.warmup_epochs must be at least 0 and fewer than train.epochs"),
-        (t.batch_size >= 1 and t.accumulate >= 1, "train.batch_size and train.accumulate must be at least 1"),
-        (t.lr > 0 and t.reference_batch >= 1 and t.min_lr >= 0, "train.lr, reference_batch must be > 0, min_lr >= 0"),
+        (t.batch_size >= 1, "train.batch_size must be at least 1"),
+        (t.global_batch >= 0 and t.reference_batch >= 0, "train.global_batch and reference_batch must be >= 0"),
+        (t.lr > 0 and t.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0"),
         (t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {t.optimizer!r}"),
         (t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}"),
         (
@@ -184,6 +185,72 @@ def _check(recipe: Recipe) -> Recipe:
         if not ok:
             raise RecipeError(message)
     return recipe
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a run's global batch is made on ``processes`` processes, and the learning rate it takes."""
+
+    processes: int
+    per_process: int
+    accumulate: int  # micro-batches per optimiser step in each process
+    global_batch: int
+    lr: float  # the peak rate of the run
+    min_lr: float
+    recipe_lr: float
+    reference_batch: int  # the global batch recipe_lr is the rate at
+
+    def describe(self) -> str:
+        return (
+            f"global batch {self.global_batch} = {self.per_process} per process x {self.processes} "
+            f"process{'es' if self.processes > 1 else ''} x {self.accumulate} accumulated"
+        )
+
+    def describe_lr(self) -> str | None:
+        """One line where the run's rate is not the recipe's (linear scaling); None where it is."""
+        if self.global_batch == self.reference_batch:
+            return None
+        return (
+            f"lr {self.lr:.3g} = {self.recipe_lr:.3g} (the recipe's rate at {self.reference_batch} clips) "
+            f"x {self.global_batch}/{self.reference_batch}, scaled linearly to the global batch"
+        )
+
+
+def _nearest(values: list[int], target: int) -> list[int]:
+    below = [v for v in values if v < target]
+    above = [v for v in values if v > target]
+    return [*below[-1:], *above[:1]]
+
+
+def plan_batch(t: TrainRecipe, processes: int) -> BatchPlan:
+    """``train.global_batch`` split over ``processes`` processes of ``train.batch_size`` clips:
+    the accumulation it takes, and the learning rate scaled linearly from ``train.reference_batch``.
+    A global batch they cannot divide is a :class:`RecipeError` naming the batches that work."""
+    if processes < 1:
+        raise RecipeError(f"the number of processes must be at least 1, got {processes}")
+    per_step = t.batch_size * processes
+    global_batch = t.global_batch or per_step
+    if global_batch % per_step:
+        share, hints = global_batch // processes, []
+        if global_batch % processes == 0:
+            divisors = [b for b in range(1, share + 1) if share % b == 0]
+            hints.append(f"train.batch_size {' or '.join(map(str, _nearest(divisors, t.batch_size)))}")
+        else:
+            hints.append(f"run on a number of processes that divides {global_batch}")
+        multiples = [per_step * k for k in range(max(global_batch // per_step, 1), global_batch // per_step + 2)]
+        hints.insert(
+            len(hints) - 1 if global_batch % processes else 1,
+            f"train.global_batch {' or '.join(map(str, _nearest(multiples, global_batch)))}",
+        )
+        raise RecipeError(
+            f"train.global_batch {global_batch} is not a whole number of steps of {t.batch_size} clips per "
+            f"process x {processes} processes: set {', or '.join(hints)}"
+        )
+    reference = t.reference_batch or global_batch
+    scale = global_batch / reference
+    return BatchPlan(
+        processes, t.batch_size, global_batch // per_step, global_batch, t.lr * scale, t.min_lr * scale, t.lr, reference
+    )
 
 
 def recipe_from_dict(values: dict, where: str) -> Recipe:
@@ -252,8 +319,21 @@ def load_recipe(name_or_file: str | os.PathLike | None = None, overrides: list[s
                 f"{path} is not a valid {'JSON' if path.suffix == '.json' else 'TOML'} file: {error}"
             ) from None
         recipe = _apply(recipe, values, str(path))
+    return apply_overrides(recipe, overrides)
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str] = ()) -> Recipe:
+    """``recipe`` with ``section.key=value`` overrides (as ``--set`` takes them) applied, checked."""
     for text in overrides:
         key, value = parse_override(text)
         section, name = key.split(".")
         recipe = _apply(recipe, {section: {name: value}}, f"--set {text}")
     return _check(recipe)
+
+
+def as_recipe(recipe: Recipe | str | os.PathLike | None, overrides: list[str] = ()) -> Recipe:
+    """A :class:`Recipe` as given, or read by :func:`load_recipe` (a built-in name, a TOML file, None:
+    the defaults), with ``overrides`` applied."""
+    if isinstance(recipe, Recipe):
+        return apply_overrides(recipe, overrides)
+    return load_recipe(recipe, overrides)

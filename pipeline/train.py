@@ -38,15 +38,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..surgery.checkpoint import CheckpointError, convert, load, require_trust, save
+from ..surgery.checkpoint import CheckpointError, convert, load, read_metadata, require_trust, save
 from ..surgery.dcls import Dcls2d
 from ..surgery.files import atomic_path
-from ..surgery.rewrite import SurgeryError
+from ..surgery.rewrite import SurgeryError, stem_geometry
 from .augment import Augment
 from .evaluate import autocast, metrics, score_clips
 from .frontend import LogMel
 from .loader import FailureLog, make_loader
-from .recipe import Recipe, RecipeError, TrainRecipe, load_recipe, recipe_from_dict
+from .recipe import BatchPlan, Recipe, RecipeError, TrainRecipe, as_recipe, plan_batch, recipe_from_dict
 from .sources import ClipDataset, open_source
 
 RUN_FILES = (
@@ -107,32 +107,49 @@ def _device(name: str, local_rank: int) -> torch.device:
 # -- the model and its optimiser ------------------------------------------------------------
 
 
-def build_model(recipe: Recipe, num_classes: int, trust_code: bool = False) -> nn.Module:
-    """The model a recipe names, with a head of ``num_classes``: a timm backbone rewritten
-    for audio (DCLS or, with ``model.dcls = false``, its DSC twin), or a dclsify checkpoint
-    to fine-tune (a new head where its classes differ; ``model.freeze`` trains the head only)."""
+def build_model(
+    recipe: Recipe | str | os.PathLike,
+    num_classes: int,
+    overrides: list[str] = (),
+    trust_code: bool = False,
+) -> nn.Module:
+    """The model a recipe names, with a head of ``num_classes``: what :func:`train` trains.
 
+    ``recipe`` is a :class:`Recipe`, a built-in recipe's name or a TOML file; ``overrides``
+    ``section.key=value`` strings, as ``--set`` takes them. ``model.source`` is a timm name or
+    a ``file:PATH.py:FACTORY`` (rewritten for audio: DCLS or, with ``model.dcls = false``, its
+    DSC twin), or a dclsify checkpoint to fine-tune (converted, imported or trained). Every
+    ``model.*`` key reaches the model whatever the source: a checkpoint is rebuilt with the
+    recipe's ``drop_path`` and gets a new head where its classes differ, and a key that shapes
+    its layers (``dcls``, ``kernel``, ``stem``, ...) must say what the checkpoint holds (an
+    error names those that do not). ``model.freeze`` trains the head only.
+    """
+    recipe = as_recipe(recipe, overrides)
     m = recipe.model
     if m.num_classes and m.num_classes != num_classes:
         raise TrainError(f"model.num_classes is {m.num_classes}, but the data has {num_classes} classes")
+    drop_path = {"drop_path_rate": m.drop_path} if m.drop_path else {}
+    stem = None if m.stem.lower() == "none" else m.stem
     try:
         if m.source.endswith(".safetensors"):
-            model = load(m.source, trust_code=trust_code)
+            metadata = read_metadata(m.source)
+            _check_layers_match(m, stem, metadata["rewrite"], m.source)
+            recorded = {k: v for k, v in metadata["model_kwargs"].items() if k != "drop_path_rate"}
+            model = load(m.source, trust_code=trust_code, model_kwargs={**recorded, **drop_path})
             if model.dclsify.config.num_classes != num_classes:
                 model.reset_classifier(num_classes)
                 model.dclsify.config.num_classes = num_classes
         else:
             require_trust(m.source, trust_code, "the recipe")
-            kwargs = {"drop_path_rate": m.drop_path} if m.drop_path else {}
             model = convert(
                 m.source,
-                kwargs,
+                drop_path,
                 kernel=m.kernel,
                 count=m.count,
                 version=m.version,
                 match=m.match,
                 sync=m.sync,
-                stem=None if m.stem.lower() == "none" else m.stem,
+                stem=stem,
                 num_classes=num_classes,
                 input_size=recipe.audio.input_size,
                 dcls=m.dcls,
@@ -145,6 +162,28 @@ def build_model(recipe: Recipe, num_classes: int, trust_code: bool = False) -> n
         for parameter in model.parameters():
             parameter.requires_grad_(id(parameter) in head)
     return model
+
+
+def _check_layers_match(m, stem, recorded: dict, path: str) -> None:
+    """A checkpoint's layers are what they are: the recipe's keys that shape them must agree."""
+    geometry = stem_geometry(stem)
+    asked = {"dcls": m.dcls, "stem": None if geometry is None else [list(geometry[0]), list(geometry[1])]}
+    if m.dcls and recorded["dcls"]:
+        asked |= {"kernel": m.kernel, "count": m.count, "version": m.version, "sync": m.sync, "match": m.match}
+    differ = [key for key, value in asked.items() if value != recorded[key]]
+    if differ:
+
+        def shown(key):
+            value = recorded[key]
+            if key == "stem":
+                return "none" if value is None else "{}x{}/{}x{}".format(*value[0], *value[1])
+            return value if isinstance(value, str) else json.dumps(value)
+
+        settings = " ".join(f"--set model.{key}={shown(key)}" for key in differ)
+        raise TrainError(
+            f"model.source {path} holds layers the recipe does not describe ({', '.join(differ)}): "
+            f"set what it holds ({settings}), or start from its timm source"
+        )
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, position_lr_scale: float) -> list[dict]:
@@ -175,6 +214,17 @@ def make_optimizer(t: TrainRecipe, model: nn.Module, lr: float) -> torch.optim.O
 
         return Lamb(groups, lr=lr, betas=tuple(t.betas))
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(t.betas))
+
+
+def epoch_steps(loader, plan: BatchPlan, clips: int) -> int:
+    """Optimiser steps in an epoch of ``loader`` (one process's batches) at ``plan``'s accumulation."""
+    steps = len(loader) // plan.accumulate
+    if steps == 0:
+        raise TrainError(
+            f"{clips} training clips make no full step of a global batch of {plan.global_batch}: "
+            "lower train.global_batch"
+        )
+    return steps
 
 
 def clamp_positions(model: nn.Module) -> None:
@@ -419,11 +469,12 @@ def train(
         data, eval_data = recorded["data"], recorded["eval_data"]
         audio_dir, classes = recorded.get("audio_dir"), recorded.get("classes")
     else:
-        recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        recipe = as_recipe(recipe)
         if data is None:
             raise TrainError("no training data: give --data (an HDF5 file, a segment CSV or a manifest)")
     t = recipe.train
     rank, world, local_rank = _distributed(t.device)
+    plan_batch(t, world)  # a global batch these processes cannot make fails before anything is read
     if not resume:
         _prepare_run_dir(run_dir, overwrite, clear=rank == 0)  # every rank decides alike; one clears
         if world > 1:
@@ -446,7 +497,7 @@ def train(
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     random.seed(t.seed)
     np.random.seed(t.seed)
-    model = build_model(recipe, len(train_set.class_names), trust_code).to(device)
+    model = build_model(recipe, len(train_set.class_names), trust_code=trust_code).to(device)
     torch.manual_seed(t.seed + rank)  # and each rank its own drop-path masks
     if rank == 0 and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -484,8 +535,12 @@ def _recorded_run(run_dir: Path) -> dict:
 
 def _recipe_of(recorded: dict) -> Recipe:
     try:
-        return recipe_from_dict(recorded["recipe"], "config.json")
-    except (RecipeError, KeyError) as error:
+        values = {section: dict(keys) for section, keys in recorded["recipe"].items()}
+        if "accumulate" in values.get("train", {}):  # a run recorded before train.global_batch replaced it
+            t = values["train"]
+            t["global_batch"] = t["batch_size"] * t.pop("accumulate") * recorded.get("world_size", 1)
+        return recipe_from_dict(values, "config.json")
+    except (RecipeError, KeyError, AttributeError, TypeError) as error:
         raise TrainError(f"the run's config.json is damaged: {error}") from None
 
 
@@ -495,28 +550,23 @@ def _run(
 
     t = recipe.train
     multi_label = train_set.multi_label
+    plan = plan_batch(t, world)
+    accumulate, global_batch = plan.accumulate, plan.global_batch
     loader = make_loader(train_set, t.batch_size, True, t.workers, rank, world, t.seed, device.type == "cuda")
     eval_loader = None
     if eval_set is not None:
         eval_loader = make_loader(eval_set, t.batch_size, False, t.workers, rank, world, t.seed, device.type == "cuda")
-    steps_per_epoch = len(loader) // t.accumulate
-    if steps_per_epoch == 0:
-        raise TrainError(
-            f"{len(train_set)} training clips make no full step of {t.batch_size} x {t.accumulate} clips "
-            f"x {world} processes: lower train.batch_size"
-        )
+    steps_per_epoch = epoch_steps(loader, plan, len(train_set))
     total_steps, warmup_steps = t.epochs * steps_per_epoch, round(t.warmup_epochs * steps_per_epoch)
-    global_batch = t.batch_size * t.accumulate * world
-    lr = t.lr * global_batch / t.reference_batch
-    optimizer = make_optimizer(recipe.train, model, lr)
+    optimizer = make_optimizer(recipe.train, model, plan.lr)
     from timm.scheduler import CosineLRScheduler
 
     scheduler = CosineLRScheduler(
         optimizer,
         t_initial=max(total_steps - warmup_steps, 1),
-        lr_min=t.min_lr * global_batch / t.reference_batch,
+        lr_min=plan.min_lr,
         warmup_t=warmup_steps,
-        warmup_lr_init=t.min_lr * global_batch / t.reference_batch,
+        warmup_lr_init=plan.min_lr,
         warmup_prefix=True,
         t_in_epochs=False,
     )
@@ -561,6 +611,9 @@ def _run(
     metrics_path, last_eval, interrupted = run_dir / "metrics.jsonl", None, False
     writer = _tensorboard(run_dir) if rank == 0 else None
     progress = _progress(console) if rank == 0 else None
+    for line in (plan.describe(), plan.describe_lr()) if rank == 0 else ():
+        if line:
+            _say(progress, line)
     clips_done, clock = 0, time.perf_counter()
     window_start = time.perf_counter()
 
@@ -619,7 +672,7 @@ def _run(
     stop = _StopRequest(stop_after)
     try:
         while epoch < t.epochs:
-            loader.sampler.set_epoch(epoch, start=step_in_epoch * t.batch_size * t.accumulate)
+            loader.sampler.set_epoch(epoch, start=step_in_epoch * t.batch_size * accumulate)
             task = (
                 progress.add_task(
                     f"epoch {epoch + 1}/{t.epochs}",
@@ -634,19 +687,19 @@ def _run(
             )
             batches = iter(loader)
             while step_in_epoch < steps_per_epoch:
-                for micro in range(t.accumulate):
+                for micro in range(accumulate):
                     batch = next(batches)
                     failures.record(batch.failures)
                     x, y = augment(
                         batch.waveforms.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True)
                     )
                     # DDP averages gradients at the last micro-batch's backward only
-                    with trained.no_sync() if world > 1 and micro < t.accumulate - 1 else nullcontext():
+                    with trained.no_sync() if world > 1 and micro < accumulate - 1 else nullcontext():
                         with autocast(device, t.precision):
                             logits = forward(x).float()
                         loss = (
                             F.binary_cross_entropy_with_logits(logits, y) if multi_label else F.cross_entropy(logits, y)
-                        ) / t.accumulate
+                        ) / accumulate
                         (scaler.scale(loss) if scaler else loss).backward()
                     loss_sum += loss.detach()
                 if t.clip_grad:

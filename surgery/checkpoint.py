@@ -357,8 +357,17 @@ def _audio_settings(path: Path, text: str | None):
         raise CheckpointError(f"{path}: damaged dclsify metadata: 'audio': {error}"[:500]) from None
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", trust_code: bool = False) -> nn.Module:
+def load(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    trust_code: bool = False,
+    model_kwargs: dict | None = None,
+) -> nn.Module:
     """Rebuild the model a checkpoint describes and load its weights (strictly).
+
+    ``model_kwargs``, where given, are the model's arguments instead of those recorded: ones
+    that change no weight, such as ``drop_path_rate`` for fine-tuning (the weights are checked
+    as ever, so one that changes them is refused).
 
     The metadata is checked (:func:`read_metadata`) before anything is built. A timm
     source is rebuilt freely; a ``file:PATH.py:FACTORY`` source runs that file, so it is
@@ -369,7 +378,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", trust_code
     metadata = read_metadata(path)
     require_trust(metadata["source"], trust_code, path)
     try:
-        model = convert(metadata["source"], metadata["model_kwargs"], **metadata["rewrite"])
+        kwargs = metadata["model_kwargs"] if model_kwargs is None else model_kwargs
+        model = convert(metadata["source"], kwargs, **metadata["rewrite"])
     except SurgeryError as error:
         raise CheckpointError(f"{path}: the model its metadata describes cannot be built: {error}") from None
     except Exception as error:  # noqa: BLE001 - the model's own error, about arguments the metadata gave it

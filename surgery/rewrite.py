@@ -187,7 +187,8 @@ def survey_families(progress: Callable[[str], None] | None = None) -> list[tuple
     return surveyed
 
 
-def _stem_geometry(stem) -> tuple[tuple[int, int], tuple[int, int]] | None:
+def stem_geometry(stem) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """(kernel, stride) of the audio stem that :func:`rewrite`'s ``stem`` argument names; None: keep the model's."""
     if stem is None:
         return None
     if stem == "audio":
@@ -395,7 +396,7 @@ def rewrite(
     if hasattr(model, "dclsify"):
         raise SurgeryError("this model has been rewritten already: rewrite the original model instead")
     _check_arguments(kernel, count, version, sync, in_chans, tuple(input_size))
-    geometry = _stem_geometry(stem)
+    geometry = stem_geometry(stem)
     matcher = _kernel_matcher(match)
     config = RewriteConfig(
         kernel=kernel,

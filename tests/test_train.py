@@ -46,6 +46,7 @@ TINY = [
     "train.precision=fp32",
     "train.device=cpu",
     "train.lr=2e-3",
+    "train.global_batch=0",
     "train.reference_batch=4",
     "train.log_every=1",
 ]
@@ -254,7 +255,7 @@ def test_train_and_eval_commands(sets, tmp_path):
 def test_two_process_ddp_trains_identical_replicas_and_evaluates_each_clip_once(sets, tmp_path):
     train_set, eval_set = sets
     run = tmp_path / "ddp"
-    ddp = ["train.epochs=1", "train.batch_size=2", "train.accumulate=2", "model.drop_path=0.2"]
+    ddp = ["train.epochs=1", "train.batch_size=2", "train.global_batch=8", "model.drop_path=0.2"]
     overrides = [item for override in TINY + ddp for item in ("--set", override)]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dclsify"]
     command += ["train", "--data", str(train_set), "--eval-data", str(eval_set), "--out", str(run), *overrides]
@@ -313,7 +314,7 @@ def test_gradient_accumulation_equals_the_whole_batch(sets, tmp_path):
     plain = TINY + ["model.drop_path=0", "augment.roll=false", "augment.speed_p=0", "augment.erase_p=0"]
     plain += ["augment.mixup_alpha=0", "train.clip_grad=1.0"]  # LayerNorm only: no batch statistics to differ
     whole = train(load_recipe(None, [*plain, "train.batch_size=4"]), train_set, None, tmp_path / "whole", stop_after=2)
-    halves = [*plain, "train.batch_size=2", "train.accumulate=2"]
+    halves = [*plain, "train.batch_size=2", "train.global_batch=4"]
     split = train(load_recipe(None, halves), train_set, None, tmp_path / "split", stop_after=2)
     assert whole.steps == split.steps == 2
     a = torch.load(tmp_path / "whole/checkpoints/step_0000002.pt")["model"]

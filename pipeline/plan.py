@@ -1,0 +1,88 @@
+"""``dclsify train --dry-run``: everything a run would use, worked out without training.
+
+The resolved recipe, how the global batch is made on N processes and the learning rate it
+takes, steps per epoch and in all, the data's clip and class counts, the model's parameters
+and where the run's files go: what a user checks before a long run on a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .loader import make_loader
+from .recipe import BatchPlan, Recipe, as_recipe, plan_batch
+from .sources import audioset_classes, open_source
+from .train import TrainError, build_model, epoch_steps
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    recipe: Recipe
+    batch: BatchPlan
+    clips: int | None  # None: no data given
+    classes: int
+    classes_from: str  # where the class count comes from
+    steps_per_epoch: int | None
+    warmup_steps: int | None
+    parameters: int
+    trainable: int
+    run_dir: Path
+
+    @property
+    def steps(self) -> int | None:
+        return None if self.steps_per_epoch is None else self.steps_per_epoch * self.recipe.train.epochs
+
+    def as_dict(self) -> dict:
+        """What ``--dry-run --json`` prints: the resolved recipe and the values derived from it."""
+        return {
+            "recipe": self.recipe.as_dict(),
+            "processes": self.batch.processes,
+            "accumulate": self.batch.accumulate,
+            "global_batch": self.batch.global_batch,
+            "lr": self.batch.lr,
+            "steps_per_epoch": self.steps_per_epoch,
+            "steps": self.steps,
+            "clips": self.clips,
+            "classes": self.classes,
+            "parameters": self.parameters,
+            "run_dir": str(self.run_dir),
+        }
+
+
+def plan_run(
+    recipe: Recipe | str | os.PathLike | None = None,
+    data: str | os.PathLike | list | None = None,
+    processes: int | None = None,
+    out: str | os.PathLike = "runs/run",
+    overrides: list[str] = (),
+    audio_dir: str | os.PathLike | None = None,
+    classes: str | os.PathLike | None = None,
+    trust_code: bool = False,
+) -> RunPlan:
+    """What :func:`~dclsify.pipeline.train.train` would do with ``recipe`` on ``data`` with
+    ``processes`` processes (default: ``WORLD_SIZE``, as torchrun sets it, else 1), without
+    training: the data is opened (not decoded) and the model built. Without ``data`` the
+    class count is ``model.num_classes`` or AudioSet's 527, and clips and steps are None."""
+    recipe = as_recipe(recipe, overrides)
+    processes = processes if processes is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    batch = plan_batch(recipe.train, processes)
+    clips = per_epoch = warmup = None
+    if data is not None:
+        train_set = open_source(data, recipe.audio, audio_dir, classes)
+        if not train_set.class_names:
+            raise TrainError(f"{data} has no classes to learn (no labels)")
+        count, classes_from = len(train_set.class_names), "the data"
+        clips = len(train_set)
+        loader = make_loader(train_set, recipe.train.batch_size, True, 0, 0, processes, recipe.train.seed)
+        per_epoch = epoch_steps(loader, batch, clips)
+        warmup = round(recipe.train.warmup_epochs * per_epoch)
+    elif recipe.model.num_classes:
+        count, classes_from = recipe.model.num_classes, "model.num_classes"
+    else:
+        count, classes_from = len(audioset_classes()), "AudioSet's; no data given"
+    model = build_model(recipe, count, trust_code=trust_code)
+    parameters = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return RunPlan(recipe, batch, clips, count, classes_from, per_epoch, warmup, parameters, trainable, Path(out))
