@@ -41,7 +41,7 @@ from torch import nn
 from ..surgery.checkpoint import CheckpointError, convert, load, require_trust, save
 from ..surgery.dcls import Dcls2d
 from ..surgery.files import atomic_path
-from ..surgery.rewrite import SurgeryError
+from ..surgery.rewrite import SurgeryError, reset_head
 from .augment import Augment
 from .evaluate import autocast, metrics, score_clips
 from .frontend import LogMel
@@ -119,7 +119,7 @@ def build_model(recipe: Recipe, num_classes: int, trust_code: bool = False) -> n
         if m.source.endswith(".safetensors"):
             model = load(m.source, trust_code=trust_code)
             if model.dclsify.config.num_classes != num_classes:
-                model.reset_classifier(num_classes)
+                reset_head(model, num_classes)
                 model.dclsify.config.num_classes = num_classes
         else:
             require_trust(m.source, trust_code, "the recipe")
@@ -167,14 +167,18 @@ def parameter_groups(model: nn.Module, weight_decay: float, position_lr_scale: f
     ]
 
 
+# DCLS-Audio's --opt_eps, given to either optimiser: AdamW's own default, and not timm's Lamb's (1e-6)
+OPTIMIZER_EPS = 1e-8
+
+
 def make_optimizer(t: TrainRecipe, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """The recipe's optimizer (AdamW or LAMB) over :func:`parameter_groups`."""
     groups = [g for g in parameter_groups(model, t.weight_decay, t.position_lr_scale) if g["params"]]
     if t.optimizer == "lamb":
         from timm.optim import Lamb
 
-        return Lamb(groups, lr=lr, betas=tuple(t.betas))
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(t.betas))
+        return Lamb(groups, lr=lr, betas=tuple(t.betas), eps=OPTIMIZER_EPS)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(t.betas), eps=OPTIMIZER_EPS)
 
 
 def clamp_positions(model: nn.Module) -> None:
@@ -659,7 +663,8 @@ def _run(
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                clamp_positions(model)
+                if recipe.model.clamp:
+                    clamp_positions(model)
                 if ema is not None:
                     ema.update(model, step=step)
                 step += 1
