@@ -6,6 +6,6 @@ cannot be found generically: where its stem is and which of its parts survive.
 """
 
 from . import convmixer, convnext, edgenext, fastvit, mambaout, metaformer, rdnet, starnet  # noqa: F401  (registration)
-from .registry import FAMILIES, Family, family_of, replace_stem_conv
+from .registry import FAMILIES, Family, family_of, family_of_name, replace_stem_conv
 
-__all__ = ["FAMILIES", "Family", "family_of", "replace_stem_conv"]
+__all__ = ["FAMILIES", "Family", "family_of", "family_of_name", "replace_stem_conv"]

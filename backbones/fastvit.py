@@ -33,5 +33,8 @@ FAMILY = register(
         replace_stem=replace_stem,
         stem_note="the whole MobileOne stem replaced by one conv (no bias, as DCLS-Audio)",
         checkpoint_filter_fn=checkpoint_filter_fn,
+        # DCLS-Audio's main.py gives every model --layer_scale_init_value (default 1e-6) and their
+        # FastViT takes it; timm's FastViT starts its layer scales at 1e-5
+        model_kwargs={"layer_scale_init_value": 1e-6},
     )
 )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import timm
 from torch import Tensor, nn
 
 
@@ -21,7 +23,9 @@ class Family:
     ``checkpoint_filter_fn(state_dict, model)``, when set, maps a DCLS-Audio checkpoint of
     the family (the paper's released models) onto the keys of our rewritten model;
     ``audio_head(model)``, when set, gives the head of a model with the audio stem what
-    DCLS-Audio's head of the family computes differently from timm's.
+    DCLS-Audio's head of the family computes differently from timm's; ``model_kwargs`` are
+    timm constructor arguments that dclsify builds the family's models with unless told
+    otherwise: where DCLS-Audio's training built them otherwise than timm's defaults.
     """
 
     name: str
@@ -32,6 +36,7 @@ class Family:
     stem_bias: bool | None = None
     checkpoint_filter_fn: Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]] | None = None
     audio_head: Callable[[nn.Module], None] | None = None
+    model_kwargs: dict = field(default_factory=dict)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -46,6 +51,17 @@ def family_of(model: nn.Module) -> Family | None:
     """The registered family of a timm model, or None."""
     name = type(model).__name__
     return next((f for f in FAMILIES.values() if name in f.model_classes), None)
+
+
+def family_of_name(name: str) -> Family | None:
+    """The registered family of a timm model name, without building the model: the family whose
+    model class is defined in the module that registers the name."""
+    module = sys.modules[timm.models.model_entrypoint(name).__module__]
+
+    def defined_there(cls: str) -> bool:
+        return getattr(getattr(module, cls, None), "__module__", None) == module.__name__
+
+    return next((family for family in FAMILIES.values() if any(map(defined_there, family.model_classes))), None)
 
 
 def replace_stem_conv(path: str) -> Callable[[nn.Module, Callable[[int, bool], nn.Conv2d]], str]:

@@ -21,6 +21,8 @@ from torch import Tensor, nn
 
 from .frontend import LogMel, as_float
 
+SPEED_MODES = ("filtered", "paper")
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -36,8 +38,13 @@ class AugmentConfig:
     erase_max_area: float = 1 / 3
     mixup_alpha: float = 0.8  # lambda ~ Beta(alpha, alpha), one per batch
     label_smoothing: float = 0.1  # y (1 - s) + s / classes, before mixup
+    # how speed perturbation resamples: "filtered" (change_speed: a band-limited change of speed) or
+    # "paper" (stretch_nearest: the authors' nearest-neighbour stretch to rate x the length, unfiltered)
+    speed_mode: str = "filtered"
 
     def __post_init__(self) -> None:
+        if self.speed_mode not in SPEED_MODES:
+            raise ValueError(f"augment.speed_mode must be one of {', '.join(SPEED_MODES)}, got {self.speed_mode!r}")
         for name in ("speed_p", "erase_p"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"augment.{name} must be a probability in [0, 1], got {getattr(self, name)!r}")
@@ -95,6 +102,30 @@ def change_speed(waveforms: Tensor, rates: Tensor, offsets: Tensor) -> Tensor:
         waveforms[:, None, None, :], grid[:, None], mode="bilinear", padding_mode="zeros", align_corners=True
     )
     return low_pass(moved[:, 0, 0], rates.clamp(max=1))
+
+
+def stretch_nearest(waveforms: Tensor, rates: Tensor, offsets: Tensor) -> Tensor:
+    """DCLS-Audio's speed perturbation (their ``augmentations.SpeedPerturbation``), batched: each
+    row of length ``n`` stretched to ``m = ceil(n * rates[b])`` samples by nearest neighbour,
+    without a filter, then placed at ``offsets[b]`` in a row of length ``n``::
+
+        stretched[i] = x[min(round(i / r), n - 1)]   for 0 <= i < m   (round half to even)
+        out[j] = stretched[j - offset] if 0 <= j - offset < m else 0
+
+    ``offsets[b] >= 0`` (integers): that many zeros before a shorter row (``rates[b] < 1``), their
+    random left pad, which they draw uniformly in ``0 .. n - m``; ``offsets[b] <= 0``: a longer
+    row (``rates[b] > 1``) cropped from its sample ``-offsets[b]``, their random crop start, which
+    they draw in ``0 .. m - n - 1`` (never ``m - n``: the stretched row's last sample never
+    survives). Positions are computed in float64; theirs come from a float32 ``torch.arange``,
+    whose rounding (1/32 of a sample at 10 s) moves a few taps to the neighbouring sample.
+    """
+    samples = waveforms.shape[-1]
+    rates = rates.double()
+    lengths = torch.ceil(samples * rates).long()
+    taps = torch.arange(samples, device=waveforms.device)[None, :] - offsets.long()[:, None]
+    sources = (taps / rates[:, None]).round().long().clamp(0, samples - 1)
+    inside = (taps >= 0) & (taps < lengths[:, None])
+    return torch.where(inside, waveforms.gather(-1, sources), 0)
 
 
 def erase_boxes(spectrograms: Tensor, boxes: Tensor) -> Tensor:
@@ -157,12 +188,26 @@ class Augment(nn.Module):
         if c.roll:
             x = roll(x, torch.randint(-samples, samples, (batch,), generator=generator, device=x.device))
         chosen = self._chosen(batch, c.speed_p, x)
-        if len(chosen):
+        if len(chosen) and c.speed_mode == "paper":
+            rates, offsets = self._paper_speed(len(chosen), samples, x)
+            x = x.index_copy(0, chosen, stretch_nearest(x[chosen], rates, offsets))
+        elif len(chosen):
             rates = self._uniform(c.speed_min, c.speed_max, len(chosen), x)
             span = samples - samples / rates  # > 0: room to place a shorter sound; < 0: how much to cut
             offsets = self._uniform(span.clamp(max=0), span.clamp(min=0), len(chosen), x)
             x = x.index_copy(0, chosen, change_speed(x[chosen], rates, offsets))
         return x
+
+    def _paper_speed(self, count: int, samples: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Rates and offsets for :func:`stretch_nearest`, drawn as DCLS-Audio draws them: r uniform in
+        [speed_min, speed_max); a shorter row's left pad uniform in 0 .. n - m, a longer row's crop
+        start uniform in 0 .. m - n - 1 (``torch.randint``'s exclusive high)."""
+        c = self.config
+        rates = self._uniform(c.speed_min, c.speed_max, count, like)
+        lengths = torch.ceil(samples * rates.double())  # stretch_nearest's m, computed as it does
+        choices = torch.where(lengths <= samples, samples - lengths + 1, lengths - samples)  # >= 1 either way
+        drawn = (self._uniform(0, 1, count, like).double() * choices).floor().clamp(max=choices - 1)
+        return rates, torch.where(lengths <= samples, drawn, -drawn).long()
 
     def _chosen(self, batch: int, p: float, like: Tensor) -> Tensor:
         """Which rows an augmentation of probability ``p`` takes: a random subset whose size the

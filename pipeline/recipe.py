@@ -43,6 +43,7 @@ class ModelRecipe:
     drop_path: float = 0.4
     num_classes: int = 0  # 0: as many as the data has
     freeze: bool = False  # fine-tuning: train the new head only
+    clamp: bool = True  # clamp DCLS positions to the window after each step (the paper's run never does)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from torch import nn
 from ..surgery.checkpoint import CheckpointError, convert, load, read_metadata, require_trust, save
 from ..surgery.dcls import Dcls2d
 from ..surgery.files import atomic_path
-from ..surgery.rewrite import SurgeryError, stem_geometry
+from ..surgery.rewrite import SurgeryError, reset_head, stem_geometry
 from .augment import Augment
 from .evaluate import autocast, metrics, score_clips
 from .frontend import LogMel
@@ -137,7 +137,7 @@ def build_model(
             recorded = {k: v for k, v in metadata["model_kwargs"].items() if k != "drop_path_rate"}
             model = load(m.source, trust_code=trust_code, model_kwargs={**recorded, **drop_path})
             if model.dclsify.config.num_classes != num_classes:
-                model.reset_classifier(num_classes)
+                reset_head(model, num_classes)
                 model.dclsify.config.num_classes = num_classes
         else:
             require_trust(m.source, trust_code, "the recipe")
@@ -206,14 +206,18 @@ def parameter_groups(model: nn.Module, weight_decay: float, position_lr_scale: f
     ]
 
 
+# DCLS-Audio's --opt_eps, given to either optimiser: AdamW's own default, and not timm's Lamb's (1e-6)
+OPTIMIZER_EPS = 1e-8
+
+
 def make_optimizer(t: TrainRecipe, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """The recipe's optimizer (AdamW or LAMB) over :func:`parameter_groups`."""
     groups = [g for g in parameter_groups(model, t.weight_decay, t.position_lr_scale) if g["params"]]
     if t.optimizer == "lamb":
         from timm.optim import Lamb
 
-        return Lamb(groups, lr=lr, betas=tuple(t.betas))
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(t.betas))
+        return Lamb(groups, lr=lr, betas=tuple(t.betas), eps=OPTIMIZER_EPS)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(t.betas), eps=OPTIMIZER_EPS)
 
 
 def epoch_steps(loader, plan: BatchPlan, clips: int) -> int:
@@ -712,7 +716,8 @@ def _run(
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                clamp_positions(model)
+                if recipe.model.clamp:
+                    clamp_positions(model)
                 if ema is not None:
                     ema.update(model, step=step)
                 step += 1

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 from torch import nn
 
+from .. import backbones
 from .._version import __version__
 from .audio import AudioConfig
 from .dcls import Dcls2d, LargeKernelConv2d, bake
@@ -138,8 +139,10 @@ def timm_name(source: str) -> str:
 
 
 def create_source(source: str, **model_kwargs) -> nn.Module:
-    """The model a source names, with random weights: ``timm:NAME`` (or a bare timm name),
-    or ``file:PATH.py:FACTORY`` (``FACTORY(**model_kwargs)`` from a Python file). Nothing is downloaded."""
+    """The model a source names, with random weights: ``timm:NAME`` (or a bare timm name), built
+    with its family's ``model_kwargs`` where ``model_kwargs`` does not set them (FastViT's layer
+    scales start at DCLS-Audio's 1e-6), or ``file:PATH.py:FACTORY`` (``FACTORY(**model_kwargs)``
+    from a Python file). Nothing is downloaded."""
     if source.startswith("file:"):
         return _from_file(source, **model_kwargs)
     if Path(source).is_file():
@@ -147,7 +150,10 @@ def create_source(source: str, **model_kwargs) -> nn.Module:
             f"{source} is a file, not a model name: use timm:NAME or file:PATH.py:FACTORY (a dclsify "
             "checkpoint is read with dclsify.load, and `dclsify diff` compares it with its source)"
         )
-    return timm.create_model(timm_name(source), pretrained=False, **model_kwargs)
+    name = timm_name(source)
+    family = backbones.family_of_name(name)
+    defaults = {} if family is None else family.model_kwargs
+    return timm.create_model(name, pretrained=False, **{**defaults, **model_kwargs})
 
 
 def convert(

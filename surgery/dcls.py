@@ -44,7 +44,12 @@ SIGMA_FLOOR = 0.27  # DCLS-Gauss adds this to |SIG|: the narrowest Gaussian allo
 SIGMA_INIT = 0.23
 POSITION_INIT_STD = 0.5
 _NORM_EPS = 1e-7  # in the normaliser, as the reference: an element pushed off the window fades out
-EXPONENT_FLOOR = -40.0
+
+
+def exponent_floor(dtype: torch.dtype) -> float:
+    """The lowest exponent whose exp() is a normal number of ``dtype`` (float32 and bfloat16: -87,
+    float64: -708); float16, whose exp() underflows long before, takes float32's."""
+    return float(math.ceil(math.log(torch.finfo(torch.float32 if dtype == torch.float16 else dtype).tiny)))
 
 
 class _DclsProfiles(torch.autograd.Function):
@@ -70,10 +75,13 @@ class _DclsProfiles(torch.autograd.Function):
         else:
             inverse_std = (SIG.abs() + SIGMA_FLOOR).reciprocal_()
             offset.mul_(inverse_std.unsqueeze(-1))
-            # exp() of very negative numbers, and products of its results, pass through denormals,
-            # 40x slower on CPUs: the profile is lowered by e^-40 and is exactly 0 below it (the
-            # reference's 1e-7 in the normaliser already makes such elements vanish).
-            profile = offset.square().mul_(-0.5).clamp_(min=EXPONENT_FLOOR).exp_().sub_(math.exp(EXPONENT_FLOOR))
+            # exp() whose result is a denormal number takes a slow path on CPUs (25x here): the
+            # profile is exactly 0 below the floor where the dtype's normal numbers end, and lowered
+            # by the floor's exp (1.7e-38 in float32) above it. Above it, every value the reference
+            # holds as a normal number is kept, so that an element pushed off the window keeps
+            # the reference's tiny values and gradients, as an unclamped training needs.
+            floor = exponent_floor(P.dtype)
+            profile = offset.square().mul_(-0.5).clamp_(min=floor).exp_().sub_(math.exp(floor))
         if kh != kw:  # the shorter axis's profile ends with its window
             profile[int(kh < kw), ..., min(kh, kw) :] = 0
         # An element's 2-D profile rows x cols sums to rows.sum() * cols.sum() over the window.

@@ -32,27 +32,30 @@ def _reference_layer(**kwargs):
         logging.disable(logging.NOTSET)
 
 
-def _assert_parity(kwargs, x, algorithm="auto", position_range=1.0):
-    """Outputs and gradients agree, with positions spread over ``position_range`` times the window."""
+def _assert_parity(kwargs, x, algorithm="auto", position_range=(0.0, 1.0), tolerance=1e-4):
+    """Outputs and gradients agree to ``tolerance`` of the largest value, in the dtype of ``x``, with
+    each coordinate of each position of a magnitude uniform in ``position_range`` times half the
+    window, of a random sign."""
     torch.manual_seed(0)
-    ref = _reference_layer(**kwargs).to(x.device)
+    ref = _reference_layer(**kwargs).to(x.device, x.dtype)
     with torch.no_grad():  # positions spread over the window and sigmas of both signs, not just the init
-        limit = position_range * (ref.dilated_kernel_size[0] // 2)
-        ref.P.uniform_(-limit, limit)
+        low, high = (bound * (ref.dilated_kernel_size[0] // 2) for bound in position_range)
+        sign = torch.randint(0, 2, ref.P.shape, device=x.device) * 2 - 1
+        ref.P.uniform_(low, high).mul_(sign)
         if ref.SIG is not None:
             ref.SIG.uniform_(-1.0, 1.0)
-    ours = Dcls2d(**kwargs, algorithm=algorithm).to(x.device)
+    ours = Dcls2d(**kwargs, algorithm=algorithm).to(x.device, x.dtype)
     ours.load_state_dict(ref.state_dict())
     results = []
     for layer in (ref, ours):
         xi = x.detach().clone().requires_grad_()
         y = layer(xi)
-        y.backward(torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y))
+        y.backward(torch.linspace(-1, 1, y.numel(), device=y.device, dtype=y.dtype).view_as(y))
         results.append([y, xi.grad] + [p.grad for p in layer.parameters()])
     names = ["output", "input grad"] + [name for name, _ in ours.named_parameters()]
     for name, expected, got in zip(names, *results, strict=True):
         scale = expected.abs().max()
-        assert (got - expected).abs().max() <= 1e-4 * scale, f"{name} differs from DCLS 0.1.1"
+        assert (got - expected).abs().max() <= tolerance * scale, f"{name} differs from DCLS 0.1.1"
 
 
 @pytest.mark.parametrize("version", ["gauss", "v1"])
@@ -101,11 +104,37 @@ def test_grouped_and_dense_match_reference(version, groups, in_channels, out_cha
     _assert_parity(kwargs, torch.randn(2, in_channels, 11, 10))
 
 
-def test_positions_outside_the_window_match_reference():
-    # Not clamped in forward (as the reference): an element pushed off the window fades out.
-    kwargs = dict(in_channels=4, out_channels=4, kernel_count=5, padding=3, dilated_kernel_size=7, groups=4)
+# Positions never clamped (the paper's training): elements straddling the window's edge, wholly
+# outside it, and so far out that only the far tails of their Gaussians reach it (v1's hat, none).
+OUTSIDE = {"straddling": (1.0, 1.5), "outside": (1.5, 4.0), "far": (3.0, 10.0)}
+
+
+@pytest.mark.parametrize("version", ["gauss", "v1"])
+@pytest.mark.parametrize("kernel, count", [(7, 5), (23, 26)], ids=["k7", "k23"])
+@pytest.mark.parametrize("band", list(OUTSIDE), ids=list(OUTSIDE))
+def test_positions_outside_the_window_match_reference(version, kernel, count, band):
+    # In float64: the gradient of an element cut by the edge is a difference of nearly equal terms,
+    # whose float32 rounding (in both implementations) would hide a difference of formula.
+    kwargs = dict(
+        in_channels=8,
+        out_channels=8,
+        kernel_count=count,
+        padding=kernel // 2,
+        dilated_kernel_size=kernel,
+        groups=8,
+        version=version,
+    )
     torch.manual_seed(4)
-    _assert_parity(kwargs, torch.randn(1, 4, 9, 9), position_range=2.0)
+    x = torch.randn(2, 8, 12, 11, dtype=torch.float64)
+    _assert_parity(kwargs, x, position_range=OUTSIDE[band], tolerance=1e-9)
+
+
+def test_far_tails_outside_the_window_match_reference_in_float32():
+    # Elements 9 to 30 taps off a 7x7 window: the layer's kernel is their Gaussians' tails alone,
+    # values the reference holds as normal float32 numbers (down to e^-87), and so must we.
+    kwargs = dict(in_channels=8, out_channels=8, kernel_count=5, padding=3, dilated_kernel_size=7, groups=8)
+    torch.manual_seed(4)
+    _assert_parity(kwargs, torch.randn(2, 8, 12, 11), position_range=OUTSIDE["far"])
 
 
 @pytest.mark.parametrize("version", ["gauss", "v1"])
