@@ -72,6 +72,7 @@ class TrainRecipe:
     checkpoint_every: int = 1000  # optimiser steps; and at every epoch's end
     keep: int = 3  # step checkpoints kept (the best is kept besides)
     log_every: int = 20  # optimiser steps between lines of metrics.jsonl
+    deterministic: bool = False  # the same bits in every process (README: Determinism); slower
 
 
 SECTIONS = {"model": ModelRecipe, "train": TrainRecipe, "audio": AudioConfig, "augment": AugmentConfig}

@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,6 +102,34 @@ def _device(name: str, local_rank: int) -> torch.device:
         device = torch.device("cuda", device.index if device.index is not None else local_rank)
         torch.cuda.set_device(device)
     return device
+
+
+@contextmanager
+def _deterministic(on: bool, device: torch.device):
+    """``train.deterministic``: a run that computes the same bits in every process (README,
+    Determinism). Torch's deterministic algorithms, which our conv's ``auto`` follows (it then
+    chooses by estimate, not by timing), and cuDNN without its timing; as they were afterwards."""
+    if not on:
+        yield
+        return
+    if device.type == "cuda" and os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (":4096:8", ":16:8"):
+        # cuBLAS reads this once, at the process's first cuBLAS call (torch too, to allow it under
+        # deterministic algorithms): in time here unless the process used cuBLAS before, and then
+        # torch's error says to set it in the environment. :4096:8: torch's notes say :16:8 may be slower
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    )
+    torch.use_deterministic_algorithms(True)  # an operator with no deterministic version raises, naming itself
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True  # benchmark times per process
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2:]
 
 
 # -- the model and its optimiser ------------------------------------------------------------
@@ -516,7 +544,10 @@ def train(
             "world_size": world,
         }
         (run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-    return _run(recipe, model, train_set, eval_set, run_dir, device, rank, world, resume, console, stop_after, started)
+    with _deterministic(t.deterministic, device):
+        return _run(
+            recipe, model, train_set, eval_set, run_dir, device, rank, world, resume, console, stop_after, started
+        )
 
 
 def _as_text(path):

@@ -22,6 +22,10 @@ pads the input to match, which is exact and never slower.
 ``algorithm="auto"`` times the algorithms that apply, once per (shape, dtype,
 device, grad mode), on the real inputs, and caches the fastest; under
 ``torch.compile`` it uses the cached choice or, without one, a cost estimate.
+Under ``torch.use_deterministic_algorithms(True)`` it takes the cost estimate's
+choice and times nothing: the algorithms agree only to rounding (about 1e-6 in
+float32), and timings differ from process to process, so a timed choice would make
+two runs of the same computation differ in their last bits.
 Timing synchronises the device and runs extra work, which a CUDA graph cannot
 capture: warm up each kind of step to capture (training, evaluation) once first.
 After that a step reads only its cached choices, and nothing in it makes the host
@@ -62,6 +66,7 @@ class ChoiceKey(NamedTuple):
     device: str
     output_dtype: torch.dtype
     backward: bool
+    deterministic: bool = False  # torch.use_deterministic_algorithms: chosen by estimate, not timed
 
 
 _choices: dict[ChoiceKey, str] = {}
@@ -357,12 +362,16 @@ def _choose(x: Tensor, w: Tensor, plan: _Plan, groups: int) -> str:
         str(x.device),
         _output_dtype(x, w),
         backward,
+        torch.are_deterministic_algorithms_enabled(),
     )
     choice = _choices.get(key)
     if choice is not None:
         return choice
     candidates = sorted(_applicable(x, w, plan), key=lambda n: _estimated_cost(n, x, w, plan))
     if torch.compiler.is_compiling():
+        return candidates[0]
+    if key.deterministic:  # the same choice in every process, from the shapes alone
+        _choices[key] = candidates[0]
         return candidates[0]
     cheapest = _estimated_cost(candidates[0], x, w, plan)
     best, best_time = candidates[0], math.inf

@@ -158,3 +158,25 @@ def test_auto_never_chooses_an_algorithm_that_ran_out_of_memory(monkeypatch):
     assert set(conv.chosen_algorithms().values()) <= {"channels_last", "toeplitz"}
     torch.testing.assert_close(y, fft(x, w, conv._plan((40, 40), (23, 23), (1, 1), (11, 11)), 4))
     conv.clear_chosen_algorithms()
+
+
+def test_auto_under_deterministic_algorithms_takes_the_estimate_without_timing(monkeypatch, device):
+    # timings differ from process to process, and the algorithms agree only to rounding
+    conv.clear_chosen_algorithms()
+    monkeypatch.setattr(conv, "_measure", lambda *args: pytest.fail("timed under deterministic algorithms"))
+    x = torch.randn(2, 8, 12, 11, device=device, requires_grad=True)
+    w = torch.randn(8, 1, 9, 9, device=device, requires_grad=True)
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        large_kernel_conv2d(x, w, None, 1, 4, 8).sum().backward()
+        for algorithm in ALGORITHMS:  # none raises: each has a deterministic path here
+            large_kernel_conv2d(x, w, None, 1, 4, 8, algorithm=algorithm).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    ((key, choice),) = conv.chosen_algorithms().items()
+    plan = conv._plan((12, 11), (9, 9), (1, 1), (4, 4))
+    assert key.deterministic and choice == min(
+        conv._applicable(x, w, plan), key=lambda name: conv._estimated_cost(name, x, w, plan)
+    )
+    conv.clear_chosen_algorithms()

@@ -104,27 +104,72 @@ def test_a_few_steps_lower_the_loss_and_export_the_best_model(sets, tmp_path):
     assert config["recipe"]["model"]["kernel"] == 9 and config["class_names"] == CLASSES
 
 
-def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(sets, tmp_path):
+# train.deterministic on: the runs below are made in different processes, each timing nothing
+DETERMINISTIC = TINY + [
+    "train.deterministic=true",
+    "train.epochs=2",
+    "train.checkpoint_every=2",
+    "train.keep=2",
+    "train.ema_decay=0.9",
+]
+
+
+def train_in_a_new_process(*args: str) -> None:
+    """``python -m dclsify train ARGS`` in a process of its own: nothing timed, cached or seeded by this one."""
+    command = [sys.executable, "-m", "dclsify", "train", *args]
+    env = {**os.environ, "COLUMNS": "200"}
+    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(sets, tmp_path_factory):
+    """The uninterrupted deterministic run of 12 steps on a device, trained (once) in a process of its own."""
+    runs = {}
+
+    def run(device: torch.device) -> Path:
+        if device.type not in runs:
+            runs[device.type] = tmp_path_factory.mktemp("uninterrupted") / device.type
+            overrides = [*DETERMINISTIC, f"train.device={device.type}"]
+            sets_args = [item for override in overrides for item in ("--set", override)]
+            train_in_a_new_process("--data", str(sets[0]), "--out", str(runs[device.type]), *sets_args)
+        return runs[device.type]
+
+    return run
+
+
+def assert_same_bits(run: Path, other: Path) -> None:
+    """The same loss at every step and the same model, EMA and optimiser state at the end, bit for bit."""
+    assert losses(run) == losses(other)  # the same floats, every step
+    a, b = (torch.load(path / "checkpoints/step_0000012.pt") for path in (run, other))
+    for part in ("model", "ema"):
+        for key, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][key]), (part, key)
+    for index, state in a["optimizer"]["state"].items():
+        for name, tensor in state.items():
+            assert torch.equal(tensor, b["optimizer"]["state"][index][name]), (index, name)
+
+
+def test_deterministic_runs_in_two_processes_are_bit_identical(sets, uninterrupted, tmp_path, device):
     train_set, _ = sets
-    recipe = load_recipe(
-        None, TINY + ["train.epochs=2", "train.checkpoint_every=2", "train.keep=2", "train.ema_decay=0.9"]
-    )
-    whole = train(recipe, train_set, None, tmp_path / "whole")
-    assert whole.steps == 12
+    again = train(load_recipe(None, [*DETERMINISTIC, f"train.device={device.type}"]), train_set, None, tmp_path / "b")
+    assert again.steps == 12
+    assert_same_bits(uninterrupted(device), tmp_path / "b")
+    final = [load(path / "last.safetensors").state_dict() for path in (uninterrupted(device), tmp_path / "b")]
+    assert all(torch.equal(tensor, final[1][key]) for key, tensor in final[0].items())
+
+
+def test_interrupted_and_resumed_in_a_new_process_equals_uninterrupted_bit_for_bit(
+    sets, uninterrupted, tmp_path, device
+):
+    train_set, _ = sets
+    recipe = load_recipe(None, [*DETERMINISTIC, f"train.device={device.type}"])
     part = train(recipe, train_set, None, tmp_path / "part", stop_after=9)  # mid-epoch 2 (6 steps an epoch)
     assert part.interrupted and part.steps == 9
     kept = sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir())
     assert kept == ["step_0000008.pt", "step_0000009.pt"]  # the last `keep`
-    resumed = train(out=tmp_path / "part", resume=True)
-    assert resumed.steps == 12 and not resumed.interrupted
-    assert losses(tmp_path / "part") == losses(tmp_path / "whole")  # the same floats, every step
-    a, b = (
-        torch.load(tmp_path / "whole/checkpoints/step_0000012.pt"),
-        torch.load(tmp_path / "part/checkpoints/step_0000012.pt"),
-    )
-    for part in ("model", "ema"):
-        for key, tensor in a[part].items():
-            assert torch.equal(tensor, b[part][key]), (part, key)
+    train_in_a_new_process("--resume", str(tmp_path / "part"))
+    assert_same_bits(uninterrupted(device), tmp_path / "part")
 
 
 def test_parameter_groups_follow_the_paper():
