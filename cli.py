@@ -732,7 +732,8 @@ def train_command(
     ),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print one JSON object."),
 ) -> None:
-    """Train an audio tagger with the paper's recipe (or yours); without --data, on the demo's sound set."""
+    """Train an audio tagger with the paper's recipe (or yours); without --data, on the demo's sound set.
+    Knowledge distillation: --set train.teacher=FILE (made by `dclsify logits`), train.kd_weight, kd_temperature."""
     from dclsify.pipeline.demo import plan_or_demo, train_or_demo
     from dclsify.pipeline.recipe import RecipeError, default_values, describe_builtin_recipes
     from dclsify.pipeline.sources import DataError
@@ -1059,6 +1060,92 @@ def kernels_command(
             )  # fmt: skip
         print_table(table)
     console.print(f"drew {escape(str(path))}")
+
+
+@app.command("logits")
+def logits_command(
+    checkpoints: list[str] = typer.Argument(
+        ...,
+        help="The teacher: a trained checkpoint, or several (CHECKPOINT,CHECKPOINT or separate arguments) whose "
+        "logits are averaged.",
+        show_default=False,
+    ),
+    data: str = typer.Option(
+        ...,
+        help="The training data to score, as `dclsify train --data` takes it: HDF5 (a,b or a glob), a segment "
+        "CSV or a manifest.",
+    ),
+    output: Path = typer.Option(..., "-o", "--output", help="The HDF5 file to write, for train.teacher=FILE."),
+    audio_dir: Path | None = AUDIO_DIR,
+    labels: Path | None = LABELS,
+    batch: int = typer.Option(32, min=1),
+    workers: int = typer.Option(0, min=0, help="DataLoader processes."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    precision: str = typer.Option(
+        "fp32", help="Autocast of the forward pass: fp32, bf16 or fp16 (the logits are stored as float32)."
+    ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace OUTPUT, or an OUTPUT.partial begun with other checkpoints or data.",
+    ),
+    trust_code: bool = TRUST_CODE,
+) -> None:
+    """Score every clip of a training set, without augmentation, with a model or the mean logits of several: the
+    teacher file of knowledge distillation (dclsify train --set train.teacher=FILE). Resumable: after an
+    interruption, the same command continues."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dclsify.pipeline.recipe import PRECISIONS
+    from dclsify.pipeline.sources import DataError
+    from dclsify.pipeline.teacher import score_to_file
+    from dclsify.surgery.checkpoint import CheckpointError
+
+    _check_device(device)
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(f"must be one of {', '.join(PRECISIONS)}", param_hint="--precision")
+    paths = [Path(part.strip()) for argument in checkpoints for part in argument.split(",")]
+    if not all(str(path) and str(path) != "." for path in paths):
+        fail(f"an empty checkpoint name in {','.join(checkpoints)}: give paths separated by commas")
+    columns = (
+        TextColumn("scoring"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} clips/s"),
+        TimeRemainingColumn(),
+    )
+    options = dict(trust_code=trust_code, audio_dir=audio_dir, classes=labels, overwrite=overwrite)
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("scoring", total=None, rate="-")
+
+        def progress(done: int, total: int) -> None:
+            speed = bar.tasks[0].speed
+            bar.update(task, completed=done, total=total, rate="-" if speed is None else f"{speed:.1f}")
+
+        try:
+            report = score_to_file(paths, data, output, batch, workers, device, precision, progress=progress, **options)
+        except (DataError, CheckpointError) as error:
+            fail(str(error))
+        except OSError as error:
+            fail(f"cannot write {output}: {error.strerror or error}")
+        except KeyboardInterrupt:
+            done = bar.tasks[0].completed
+            fail(f"interrupted after {done:.0f} clips; what was scored is kept: run the same command to continue")
+    models = "one model" if len(paths) == 1 else f"the mean logits of {len(paths)} models"
+    resumed = f", continuing {report.resumed_from} done before" if report.resumed_from else ""
+    console.print(
+        f"scored {report.clips} clips x {report.classes} classes with {models} to {output} "
+        f"({report.clips_per_second:.1f} clips/s{resumed})",
+        markup=False,
+    )
+    if report.replaced:
+        console.print(
+            f"[yellow]{len(report.replaced)} clips could not be read:[/] their rows hold the logits of the clips that "
+            "stand in for them in training (the next readable ones): "
+            + escape(", ".join(report.replaced[:10]) + (", ..." if len(report.replaced) > 10 else "")),
+            soft_wrap=True,
+        )
+    console.print(f"train with it: dclsify train ... --set train.teacher={escape(json.dumps(str(output)))}")
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -240,16 +240,22 @@ class Augment(nn.Module):
             return power
         return erase_boxes(power, self._boxes(*power.shape, power))
 
-    def mixup(self, logmels: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """Label smoothing, then one Beta(alpha, alpha) mix of the batch with a permutation of itself."""
+    def mixup(self, logmels: Tensor, targets: Tensor, *extra: Tensor) -> tuple[Tensor, ...]:
+        """Label smoothing, then one Beta(alpha, alpha) mix of the batch with a permutation of itself.
+
+        ``extra`` soft targets (a teacher's, for distillation) are mixed with the same lambda and
+        permutation, unsmoothed, and returned after the labels; they draw nothing, so a batch
+        augments alike with or without them."""
         c = self.config
         soft = targets.float() * (1 - c.label_smoothing) + c.label_smoothing / targets.shape[-1]
         if c.mixup_alpha == 0:
-            return logmels, soft
+            return logmels, soft, *extra
         lam = float(self.host_rng.beta(c.mixup_alpha, c.mixup_alpha))  # a number for the kernels, not a tensor
         partner = torch.randperm(len(logmels), generator=self._generator_on(logmels.device), device=logmels.device)
-        return lam * logmels + (1 - lam) * logmels[partner], lam * soft + (1 - lam) * soft[partner]
+        mixed = (lam * other + (1 - lam) * other[partner] for other in extra)
+        return lam * logmels + (1 - lam) * logmels[partner], lam * soft + (1 - lam) * soft[partner], *mixed
 
-    def forward(self, waveforms: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, waveforms: Tensor, targets: Tensor, *extra: Tensor) -> tuple[Tensor, ...]:
+        """(log-mels, soft targets) of a batch, and its ``extra`` soft targets mixed alike (see :meth:`mixup`)."""
         power = self.spectrograms(self.frontend.power(self.waveforms(waveforms)))
-        return self.mixup(self.frontend.from_power(power), targets)
+        return self.mixup(self.frontend.from_power(power), targets, *extra)

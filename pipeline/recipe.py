@@ -73,6 +73,9 @@ class TrainRecipe:
     keep: int = 3  # step checkpoints kept (the best is kept besides)
     log_every: int = 20  # optimiser steps between lines of metrics.jsonl
     deterministic: bool = False  # the same bits in every process (README: Determinism); slower
+    teacher: str = ""  # knowledge distillation: a `dclsify logits` file of the training clips; "": labels only
+    kd_weight: float = 0.9  # loss = (1 - kd_weight) x loss on the labels + kd_weight x loss on the teacher's targets
+    kd_temperature: float = 1.0  # the teacher's targets: sigmoid (softmax) of its logits / kd_temperature
 
 
 SECTIONS = {"model": ModelRecipe, "train": TrainRecipe, "audio": AudioConfig, "augment": AugmentConfig}
@@ -182,6 +185,8 @@ def _check(recipe: Recipe) -> Recipe:
         (t.workers >= 0, "train.workers must be >= 0"),
         (m.num_classes >= 0, "model.num_classes must be >= 0 (0: from the data)"),
         (0 <= m.drop_path < 1, "model.drop_path must be in [0, 1)"),
+        (0 <= t.kd_weight <= 1, "train.kd_weight must be in [0, 1]"),
+        (t.kd_temperature > 0, "train.kd_temperature must be > 0"),
     ]
     for ok, message in problems:
         if not ok:

@@ -48,6 +48,7 @@ from .frontend import LogMel
 from .loader import FailureLog, make_loader
 from .recipe import BatchPlan, Recipe, RecipeError, TrainRecipe, as_recipe, plan_batch, recipe_from_dict
 from .sources import ClipDataset, open_source
+from .teacher import distillation_loss, read_teacher, teacher_targets
 
 RUN_FILES = (
     "config.json",
@@ -489,7 +490,10 @@ def train(
     a manifest's class list. ``resume=True`` continues the run in ``out`` (its recipe and
     data are read from its ``config.json``; give neither). Ctrl-C (or ``stop_after=N``
     optimiser steps in total) stops the run after the step under way, saves a checkpoint and
-    returns; resume continues exactly. Returns a :class:`TrainResult`.
+    returns; resume continues exactly. With ``train.teacher`` (a file of
+    :func:`~dclsify.pipeline.teacher.score_to_file`) the run distils
+    (:func:`~dclsify.pipeline.teacher.distillation_loss`); a training clip missing from that
+    file stops it before anything is built. Returns a :class:`TrainResult`.
     """
     started = time.perf_counter()
     run_dir = Path(out)
@@ -526,6 +530,7 @@ def train(
             f"the evaluation data's {len(eval_set.class_names)} classes are not the training data's "
             f"{len(train_set.class_names)} (same names in the same order are needed)"
         )
+    teacher = read_teacher(t.teacher, train_set) if t.teacher else None  # a missing clip stops the run here
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     random.seed(t.seed)
     np.random.seed(t.seed)
@@ -546,7 +551,19 @@ def train(
         (run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
     with _deterministic(t.deterministic, device):
         return _run(
-            recipe, model, train_set, eval_set, run_dir, device, rank, world, resume, console, stop_after, started
+            recipe,
+            model,
+            train_set,
+            eval_set,
+            run_dir,
+            device,
+            rank,
+            world,
+            resume,
+            console,
+            stop_after,
+            started,
+            teacher,
         )
 
 
@@ -580,7 +597,19 @@ def _recipe_of(recorded: dict) -> Recipe:
 
 
 def _run(
-    recipe, model, train_set: ClipDataset, eval_set, run_dir, device, rank, world, resume, console, stop_after, started
+    recipe,
+    model,
+    train_set: ClipDataset,
+    eval_set,
+    run_dir,
+    device,
+    rank,
+    world,
+    resume,
+    console,
+    stop_after,
+    started,
+    teacher=None,
 ):
 
     t = recipe.train
@@ -615,6 +644,7 @@ def _run(
     augment = Augment(frontend, recipe.augment, seed=t.seed + 1000 * rank)
     step, epoch, step_in_epoch, best_map, best_step = 0, 0, 0, None, None
     window_steps, window_loss = 0, 0.0  # what the next line of metrics.jsonl averages
+    window_terms = [0.0, 0.0]  # with a teacher: the loss on the labels and on the teacher's targets
     if resume:
         last = _checkpoints(run_dir)[-1]
         try:
@@ -635,6 +665,7 @@ def _run(
         step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         best_map, best_step = state["best_map"], state["best_step"]
         window_steps, window_loss = state["window"]
+        window_terms = state.get("window_terms") or window_terms
         _set_random_states(state["random"], rank, augment, device)
     trained = model
     if world > 1:
@@ -664,6 +695,7 @@ def _run(
             "best_map": best_map,
             "best_step": best_step,
             "window": (window_steps, float(loss_sum)),
+            "window_terms": None if teacher is None else terms_sum.tolist(),
             "random": _random_states(augment, device),
         }
         if rank == 0:
@@ -704,6 +736,13 @@ def _run(
 
     model.train()
     loss_sum = torch.full((), window_loss, device=device)
+    terms_sum = torch.tensor(window_terms, dtype=loss_sum.dtype, device=device)
+    if teacher is not None and rank == 0:
+        _say(
+            progress,
+            f"distilling from {teacher.path} ({len(teacher.checkpoints)} model(s)): loss = {1 - t.kd_weight:g} x "
+            f"labels + {t.kd_weight:g} x teacher (sigmoid or softmax of its logits / {t.kd_temperature:g})",
+        )
     stop = _StopRequest(stop_after)
     try:
         while epoch < t.epochs:
@@ -725,16 +764,35 @@ def _run(
                 for micro in range(accumulate):
                     batch = next(batches)
                     failures.record(batch.failures)
-                    x, y = augment(
-                        batch.waveforms.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True)
-                    )
+                    if teacher is None:
+                        x, y = augment(
+                            batch.waveforms.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True)
+                        )
+                    else:
+                        taught = teacher_targets(
+                            teacher.logits_for(batch.indices).to(device, non_blocking=True),
+                            t.kd_temperature,
+                            multi_label,
+                        )
+                        x, y, taught = augment(
+                            batch.waveforms.to(device, non_blocking=True),
+                            batch.targets.to(device, non_blocking=True),
+                            taught,
+                        )
                     # DDP averages gradients at the last micro-batch's backward only
                     with trained.no_sync() if world > 1 and micro < accumulate - 1 else nullcontext():
                         with autocast(device, t.precision):
                             logits = forward(x).float()
-                        loss = (
-                            F.binary_cross_entropy_with_logits(logits, y) if multi_label else F.cross_entropy(logits, y)
-                        ) / accumulate
+                        if teacher is None:
+                            loss = (
+                                F.binary_cross_entropy_with_logits(logits, y)
+                                if multi_label
+                                else F.cross_entropy(logits, y)
+                            ) / accumulate
+                        else:
+                            loss, on_labels, on_teacher = distillation_loss(logits, y, taught, t.kd_weight, multi_label)
+                            loss = loss / accumulate
+                            terms_sum += torch.stack([on_labels, on_teacher]).detach() / accumulate
                         (scaler.scale(loss) if scaler else loss).backward()
                     loss_sum += loss.detach()
                 if t.clip_grad:
@@ -763,6 +821,14 @@ def _run(
                         dist.all_reduce(summed)
                         mean_loss = float(summed) / world
                     loss_sum.zero_()
+                    terms = {}
+                    if teacher is not None:
+                        mean_terms = terms_sum / window_steps
+                        if world > 1:
+                            dist.all_reduce(mean_terms)
+                            mean_terms /= world
+                        terms = dict(zip(("loss_labels", "loss_teacher"), mean_terms.tolist(), strict=True))
+                        terms_sum.zero_()
                     rate = window_steps * global_batch / (time.perf_counter() - window_start)
                     window_steps, window_start = 0, time.perf_counter()
                     current_lr = optimizer.param_groups[0]["lr"]
@@ -773,15 +839,21 @@ def _run(
                                 "step": step,
                                 "epoch": epoch,
                                 "loss": mean_loss,
+                                **terms,
                                 "lr": current_lr,
                                 "clips_per_second": rate,
                             },
                         )
                         if writer is not None:
                             writer.add_scalar("train/loss", mean_loss, step)
+                            for name, value in terms.items():
+                                writer.add_scalar(f"train/{name}", value, step)
                             writer.add_scalar("train/lr", current_lr, step)
                         if progress:
-                            progress.update(task, loss=f"{mean_loss:.4f}", lr=f"{current_lr:.2e}", rate=f"{rate:.1f}")
+                            shown = f"{mean_loss:.4f}"
+                            if terms:
+                                shown += f" (labels {terms['loss_labels']:.4f}, teacher {terms['loss_teacher']:.4f})"
+                            progress.update(task, loss=shown, lr=f"{current_lr:.2e}", rate=f"{rate:.1f}")
                 if progress:
                     progress.update(task, completed=step_in_epoch)
                 if step % t.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
