@@ -595,6 +595,12 @@ AUDIO_DIR = typer.Option(
 LABELS = typer.Option(
     None, "--labels", help="Class list for a manifest: class_labels_indices.csv-like, or one name a line."
 )
+BLACKLIST = typer.Option(
+    None,
+    "--blacklist",
+    help="Leave out the clips this file names: one clip id a line (a YouTube id or a clip name), "
+    "as AudioSet black lists come; # comments; of a CSV, the first column.",
+)
 
 
 @app.command("pack")
@@ -606,6 +612,7 @@ def pack_command(
     sample_rate: int = typer.Option(32000, "--sample-rate", min=1, help="Resample every clip to this rate."),
     seconds: float = typer.Option(10.0, "--seconds", min=0.01, help="Pad or cut every clip to this length."),
     workers: int | None = typer.Option(None, min=0, help="Decoding processes (default: one per core)."),
+    blacklist: Path | None = BLACKLIST,
 ) -> None:
     """Decode a segment CSV + folder, or a manifest, into one HDF5 file (PANNs layout). Resumable."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -629,12 +636,14 @@ def pack_command(
             bar.update(task, completed=done, total=total, rate="-" if speed is None else f"{speed:.0f}")
 
         try:
-            report = pack(source, output, audio_dir, labels, audio, workers, progress)
+            report = pack(source, output, audio_dir, labels, audio, workers, progress, blacklist)
         except DataError as error:
             fail(str(error))
         except KeyboardInterrupt:
             done = bar.tasks[0].completed
             fail(f"interrupted after {done:.0f} clips; what was packed is kept: run the same command to continue")
+    if report.blacklisted is not None:
+        console.print(str(report.blacklisted), markup=False)
     if report.skipped:
         table = Table(
             title=f"{len(report.skipped)} clips skipped (all listed in {escape(str(report.skip_report))})", **COMPACT
@@ -724,6 +733,7 @@ def train_command(
     trust_code: bool = typer.Option(False, "--trust-code", help="Allow a file: model source to run its Python file."),
     list_keys: bool = typer.Option(False, "--list-keys", help="List every recipe key with its default, and exit."),
     list_recipes: bool = typer.Option(False, "--list-recipes", help="List the built-in recipes, and exit."),
+    blacklist: Path | None = BLACKLIST,
 ) -> None:
     """Train an audio tagger with the paper's recipe (or yours); without --data, on the demo's sound set."""
     from dclsify.pipeline.demo import train_or_demo
@@ -739,7 +749,7 @@ def train_command(
         for key, default in default_values().items():
             console.print(f"{key} = {json.dumps(default)}", soft_wrap=True, highlight=False)
         return
-    options = dict(overwrite=overwrite, trust_code=trust_code, audio_dir=audio_dir, classes=labels)
+    options = dict(overwrite=overwrite, trust_code=trust_code, audio_dir=audio_dir, classes=labels, blacklist=blacklist)
     try:
         result = train_or_demo(recipe, overrides, data, eval_data, out, resume, console, **options)
     except (RecipeError, DataError, TrainError) as error:
@@ -776,6 +786,7 @@ def eval_command(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast)."),
     trust_code: bool = typer.Option(False, "--trust-code", help="Allow a file: model source to run its Python file."),
+    blacklist: Path | None = BLACKLIST,
 ) -> None:
     """mAP, mAUC, d-prime (and accuracy for single-label data) of a checkpoint on evaluation data."""
     from dclsify.pipeline.evaluate import evaluate
@@ -786,7 +797,7 @@ def eval_command(
     _check_device(device)
     if precision not in PRECISIONS:
         raise typer.BadParameter(f"must be one of {', '.join(PRECISIONS)}", param_hint="--precision")
-    options = dict(trust_code=trust_code, audio_dir=audio_dir, classes=labels, per_class=per_class)
+    options = dict(trust_code=trust_code, audio_dir=audio_dir, classes=labels, per_class=per_class, blacklist=blacklist)
     with console.status(f"evaluating {checkpoint}"):
         try:
             result = evaluate(checkpoint, data, batch, workers, device, precision, **options)
@@ -798,6 +809,8 @@ def eval_command(
         typer.echo(json.dumps(result.as_dict(), indent=2))
         return
     console.print(f"{escape(str(checkpoint))} on {escape(data)}: {result.clips} clips, {result.classes} classes")
+    if result.blacklisted is not None:
+        console.print(str(result.blacklisted), markup=False)
     table = Table(**COMPACT)
     for heading in ("metric", "value"):
         table.add_column(heading, justify="right" if heading == "value" else "left")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .augment import AugmentConfig
 from .frontend import AudioConfig
+from .loader import SAMPLERS
 
 OPTIMIZERS = ("adamw", "lamb")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -71,6 +72,8 @@ class TrainRecipe:
     checkpoint_every: int = 1000  # optimiser steps; and at every epoch's end
     keep: int = 3  # step checkpoints kept (the best is kept besides)
     log_every: int = 20  # optimiser steps between lines of metrics.jsonl
+    sampler: str = "uniform"  # uniform (permutations, without replacement) or balanced (rare labels more often)
+    epoch_clips: int = 0  # clips an epoch, all processes together; 0: as many as the training data has
 
 
 SECTIONS = {"model": ModelRecipe, "train": TrainRecipe, "audio": AudioConfig, "augment": AugmentConfig}
@@ -177,6 +180,8 @@ def _check(recipe: Recipe) -> Recipe:
             "train.eval_every, checkpoint_every, keep and log_every must be at least 1",
         ),
         (t.workers >= 0, "train.workers must be >= 0"),
+        (t.sampler in SAMPLERS, f"train.sampler must be one of {', '.join(SAMPLERS)}, got {t.sampler!r}"),
+        (t.epoch_clips >= 0, "train.epoch_clips must be >= 0 (0: as many as the training data has)"),
         (m.num_classes >= 0, "model.num_classes must be >= 0 (0: from the data)"),
         (0 <= m.drop_path < 1, "model.drop_path must be in [0, 1)"),
     ]
