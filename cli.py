@@ -595,6 +595,12 @@ AUDIO_DIR = typer.Option(
 LABELS = typer.Option(
     None, "--labels", help="Class list for a manifest: class_labels_indices.csv-like, or one name a line."
 )
+BLACKLIST = typer.Option(
+    None,
+    "--blacklist",
+    help="Leave out the clips this file names: one clip id a line (a YouTube id or a clip name), "
+    "as AudioSet black lists come; # comments; of a CSV, the first column.",
+)
 
 
 @app.command("pack")
@@ -606,6 +612,7 @@ def pack_command(
     sample_rate: int = typer.Option(32000, "--sample-rate", min=1, help="Resample every clip to this rate."),
     seconds: float = typer.Option(10.0, "--seconds", min=0.01, help="Pad or cut every clip to this length."),
     workers: int | None = typer.Option(None, min=0, help="Decoding processes (default: one per core)."),
+    blacklist: Path | None = BLACKLIST,
 ) -> None:
     """Decode a segment CSV + folder, or a manifest, into one HDF5 file (PANNs layout). Resumable."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -629,12 +636,14 @@ def pack_command(
             bar.update(task, completed=done, total=total, rate="-" if speed is None else f"{speed:.0f}")
 
         try:
-            report = pack(source, output, audio_dir, labels, audio, workers, progress)
+            report = pack(source, output, audio_dir, labels, audio, workers, progress, blacklist)
         except DataError as error:
             fail(str(error))
         except KeyboardInterrupt:
             done = bar.tasks[0].completed
             fail(f"interrupted after {done:.0f} clips; what was packed is kept: run the same command to continue")
+    if report.blacklisted is not None:
+        console.print(str(report.blacklisted), markup=False)
     if report.skipped:
         table = Table(
             title=f"{len(report.skipped)} clips skipped (all listed in {escape(str(report.skip_report))})", **COMPACT
@@ -731,6 +740,7 @@ def train_command(
         None, "--processes", min=1, help="With --dry-run: plan for N processes (default: WORLD_SIZE, else 1)."
     ),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print one JSON object."),
+    blacklist: Path | None = BLACKLIST,
 ) -> None:
     """Train an audio tagger with the paper's recipe (or yours); without --data, on the demo's sound set.
     Knowledge distillation: --set train.teacher=FILE (made by `dclsify logits`), train.kd_weight, kd_temperature."""
@@ -753,7 +763,9 @@ def train_command(
         if resume is not None:
             fail("--dry-run plans a new run: --resume continues one as it was recorded")
         try:
-            plan = plan_or_demo(recipe, overrides, data, out, processes, audio_dir=audio_dir, classes=labels)
+            plan = plan_or_demo(
+                recipe, overrides, data, out, processes, audio_dir=audio_dir, classes=labels, blacklist=blacklist
+            )
         except (RecipeError, DataError, TrainError) as error:
             fail(str(error))
         if as_json:
@@ -839,6 +851,7 @@ def eval_command(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast)."),
     trust_code: bool = typer.Option(False, "--trust-code", help="Allow a file: model source to run its Python file."),
+    blacklist: Path | None = BLACKLIST,
 ) -> None:
     """mAP, mAUC, d-prime (and accuracy for single-label data) of a checkpoint on evaluation data."""
     from dclsify.pipeline.evaluate import evaluate
@@ -849,7 +862,7 @@ def eval_command(
     _check_device(device)
     if precision not in PRECISIONS:
         raise typer.BadParameter(f"must be one of {', '.join(PRECISIONS)}", param_hint="--precision")
-    options = dict(trust_code=trust_code, audio_dir=audio_dir, classes=labels, per_class=per_class)
+    options = dict(trust_code=trust_code, audio_dir=audio_dir, classes=labels, per_class=per_class, blacklist=blacklist)
     with console.status(f"evaluating {checkpoint}"):
         try:
             result = evaluate(checkpoint, data, batch, workers, device, precision, **options)
@@ -861,6 +874,8 @@ def eval_command(
         typer.echo(json.dumps(result.as_dict(), indent=2))
         return
     console.print(f"{escape(str(checkpoint))} on {escape(data)}: {result.clips} clips, {result.classes} classes")
+    if result.blacklisted is not None:
+        console.print(str(result.blacklisted), markup=False)
     table = Table(**COMPACT)
     for heading in ("metric", "value"):
         table.add_column(heading, justify="right" if heading == "value" else "left")

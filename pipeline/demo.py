@@ -117,9 +117,11 @@ def train_or_demo(
     the demo's sound set, made in ``dclsify-demo/data`` unless there. ``options`` are :func:`train`'s
     (``overwrite``, ``trust_code``, ``audio_dir``, ``classes``, ...)."""
     if resume is not None:
-        if recipe or overrides or data or eval_data or out or options.get("audio_dir") or options.get("classes"):
+        recorded = ("audio_dir", "classes", "blacklist")  # config.json keeps them
+        if recipe or overrides or data or eval_data or out or any(options.get(key) for key in recorded):
             raise TrainError(
-                "--resume continues a run as it was recorded: give no --recipe, --set, --data, --eval-data or --out"
+                "--resume continues a run as it was recorded: give no --recipe, --set, --data, --eval-data, --out "
+                "or --blacklist"
             )
         return train(out=resume, resume=True, console=console, **options)
     if data is None:
@@ -142,7 +144,7 @@ def plan_or_demo(
 ) -> RunPlan:
     """What :func:`train_or_demo` would run, worked out without training (:func:`plan_run`):
     without ``data`` and ``recipe``, the demo's recipe on the demo's sound set where it is made
-    (nothing is generated). ``options``: ``audio_dir``, ``classes``, ``trust_code``."""
+    (nothing is generated). ``options``: ``audio_dir``, ``classes``, ``trust_code``, ``blacklist``."""
     if data is None and recipe is None:
         recipe = "demo"
         paths = (DEMO_FOLDER / "data" / "train.h5", DEMO_FOLDER / "data" / "eval.h5")

@@ -23,7 +23,7 @@ from ..surgery.checkpoint import load
 from ..surgery.files import atomic_path
 from .frontend import LogMel
 from .loader import make_loader
-from .sources import DataError, numbered_classes, open_source
+from .sources import BlacklistReport, DataError, numbered_classes, open_source
 
 
 @dataclass
@@ -48,12 +48,15 @@ class Metrics:
     per_class: list[tuple[str, float | None, int]] = field(repr=False)
 
     unreadable: list[tuple[str, str]] = field(default_factory=list, repr=False)  # clips left out: (path, reason)
+    blacklisted: BlacklistReport | None = field(default=None, repr=False)  # clips a black list left out
 
     def as_dict(self, per_class: bool = False) -> dict:
         """The scalar metrics as a plain dict for JSON (an infinite d-prime as null); with
         ``per_class``, the per-class list too."""
         data = asdict(self)
         data["unreadable"] = len(self.unreadable)
+        if self.blacklisted is None:
+            del data["blacklisted"]
         if not per_class:
             del data["per_class"]
         return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in data.items()}
@@ -207,16 +210,19 @@ def evaluate(
     audio_dir: str | os.PathLike | None = None,
     classes: str | os.PathLike | None = None,
     per_class: str | os.PathLike | None = None,
+    blacklist: str | os.PathLike | None = None,
 ) -> Metrics:
     """Metrics of a dclsify checkpoint on ``data`` (any source ``open_source`` reads), heard as
     the model was trained: the clip format, the log-mel settings and sigmoid or softmax scores
     come from the checkpoint. Clips that cannot be read are left out and listed in
     ``Metrics.unreadable``; ``audio_dir`` and ``classes`` are ``open_source``'s. ``per_class``,
-    when given, is a CSV file to write each class's AP to (:func:`write_per_class_csv`)."""
+    when given, is a CSV file to write each class's AP to (:func:`write_per_class_csv`). ``blacklist``:
+    a file of clip ids (:func:`~dclsify.pipeline.sources.read_blacklist`) whose clips are left out
+    and counted in ``Metrics.blacklisted``."""
     device = torch.device(device)
     model = load(checkpoint, device=device, trust_code=trust_code)
     audio = model.audio or AudioConfig()
-    dataset = open_source(data, audio, audio_dir, classes)
+    dataset = open_source(data, audio, audio_dir, classes, blacklist)
     names = model.class_names
     if names is not None and names != dataset.class_names:
         raise DataError(
@@ -233,7 +239,7 @@ def evaluate(
         result = metrics(scores, targets, multi_label, dataset.class_names)
     except ValueError as error:
         raise DataError(f"cannot score {data}: {error}") from None
-    result.unreadable = unreadable
+    result.unreadable, result.blacklisted = unreadable, dataset.blacklisted
     if per_class is not None:
         write_per_class_csv(result, per_class)
     return result

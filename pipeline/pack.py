@@ -4,7 +4,8 @@ The clips are decoded by a pool of processes and written, in the source's order,
 ``OUT.partial``; every few seconds the rows written so far are committed (flushed, and
 their count recorded). An interrupted pack run again with the same arguments continues
 after the last commit. Only a complete pack is renamed to ``OUT``. Clips that cannot be
-used are left out and listed, with the reason, in ``OUT.skipped.csv``.
+used are left out and listed, with the reason, in ``OUT.skipped.csv``; clips a black list
+names are left out before (and counted in the report).
 """
 
 from __future__ import annotations
@@ -26,7 +27,17 @@ import numpy as np
 from .._version import __version__
 from ..surgery.files import atomic_path
 from .frontend import AudioConfig
-from .sources import ClipError, DataError, LabelledFiles, decode, open_source
+from .sources import (
+    BlacklistReport,
+    ClipDataset,
+    ClipError,
+    DataError,
+    LabelledFiles,
+    decode,
+    open_source,
+    read_blacklist,
+    skip_blacklisted,
+)
 
 COMMIT_SECONDS = 5.0
 WRITE_ROWS = 64
@@ -39,6 +50,7 @@ class PackReport:
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (name, path, reason)
     resumed_from: int = 0  # clips (packed or skipped) already done by an earlier, interrupted run
     seconds: float = 0.0  # this run's time
+    blacklisted: BlacklistReport | None = None  # the clips a black list left out, never decoded
 
     @property
     def clips_per_second(self) -> float:
@@ -67,9 +79,10 @@ def _quiet_worker() -> None:
     torch.set_num_threads(1)  # one process per core already
 
 
-def _identity(dataset: LabelledFiles, source, audio: AudioConfig) -> str:
-    """What a partial file must have been started from to be continued."""
-    text = json.dumps([str(source), [str(p) for p in dataset.paths], dataset.class_names, audio.as_dict()])
+def _identity(dataset: ClipDataset, source, audio: AudioConfig) -> str:
+    """What a partial file must have been started from to be continued (a black list changes the clips)."""
+    paths = [dataset.clip_path(i) for i in range(len(dataset))]
+    text = json.dumps([str(source), paths, dataset.class_names, audio.as_dict()])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -84,7 +97,7 @@ def layout_attributes(audio: AudioConfig, class_names: list[str], multi_label: b
     )
 
 
-def _create(path: Path, dataset: LabelledFiles, audio: AudioConfig, identity: str):
+def _create(path: Path, dataset: ClipDataset, audio: AudioConfig, identity: str):
     import h5py
 
     handle = h5py.File(path, "w")
@@ -144,11 +157,14 @@ def pack(
     audio: AudioConfig | None = None,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    blacklist: str | os.PathLike | None = None,
 ) -> PackReport:
     """Decode every clip of ``source`` (an AudioSet segment CSV with ``audio_dir``, or a
     manifest with an optional class list ``classes``; see :func:`~dclsify.pipeline.sources.open_source`)
     into ``output``, an HDF5 file of int16 clips of ``audio.samples`` at ``audio.sample_rate``.
 
+    ``blacklist``: a file of clip ids (:func:`~dclsify.pipeline.sources.read_blacklist`) whose clips
+    are left out, undecoded, and counted in ``PackReport.blacklisted``.
     ``workers`` decoding processes (default: one per core; 0 decodes in this process).
     ``progress(done, total)`` is called as clips are done. Interrupted (an exception or
     Ctrl-C), the work committed so far stays in ``OUT.partial``, and the same call
@@ -160,6 +176,8 @@ def pack(
     dataset = open_source(source, audio, audio_dir, classes)
     if not isinstance(dataset, LabelledFiles):
         raise DataError(f"{source} is packed already: pack reads a segment CSV or a manifest")
+    if blacklist is not None:
+        dataset = skip_blacklisted(dataset, read_blacklist(blacklist))
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -175,6 +193,8 @@ def pack(
     total = len(dataset)
     done = set(handle["source_index"][:].tolist()) | set(handle["skipped_index"][:].tolist())
     report = PackReport(output, packed=handle["waveform"].shape[0], resumed_from=len(done))
+    report.blacklisted = dataset.blacklisted
+    targets = dataset.target_matrix()
     todo = [i for i in range(total) if i not in done]
     pool = None
     rows: list[tuple[int, np.ndarray]] = []
@@ -184,7 +204,7 @@ def pack(
         if rows:
             _append(handle, "audio_name", [dataset.clip_name(i).encode() for i, _ in rows])
             _append(handle, "waveform", np.stack([clip for _, clip in rows]))
-            _append(handle, "target", dataset.targets[[i for i, _ in rows]])
+            _append(handle, "target", targets[[i for i, _ in rows]])
             _append(handle, "source_index", [i for i, _ in rows])
         if skips:
             _append(handle, "skipped_index", [i for i, _ in skips])
@@ -196,7 +216,7 @@ def pack(
         skips.clear()
 
     try:
-        paths = [str(dataset.paths[i]) for i in todo]
+        paths = [dataset.clip_path(i) for i in todo]
         if workers is None:
             workers = os.cpu_count() or 1
         if workers > 0 and len(todo) > 1:
@@ -221,7 +241,7 @@ def pack(
         packed = handle["waveform"].shape[0]
         reasons = handle["skipped_reason"].asstr()[:]
         report.skipped = [
-            (dataset.clip_name(i), str(dataset.paths[i]), reason)
+            (dataset.clip_name(i), dataset.clip_path(i), reason)
             for i, reason in zip(handle["skipped_index"][:].tolist(), reasons, strict=True)
         ]
         report.packed = packed

@@ -60,6 +60,7 @@ def plan_run(
     audio_dir: str | os.PathLike | None = None,
     classes: str | os.PathLike | None = None,
     trust_code: bool = False,
+    blacklist: str | os.PathLike | None = None,
 ) -> RunPlan:
     """What :func:`~dclsify.pipeline.train.train` would do with ``recipe`` on ``data`` with
     ``processes`` processes (default: ``WORLD_SIZE``, as torchrun sets it, else 1), without
@@ -70,13 +71,14 @@ def plan_run(
     batch = plan_batch(recipe.train, processes)
     clips = per_epoch = warmup = None
     if data is not None:
-        train_set = open_source(data, recipe.audio, audio_dir, classes)
+        train_set = open_source(data, recipe.audio, audio_dir, classes, blacklist)
         if not train_set.class_names:
             raise TrainError(f"{data} has no classes to learn (no labels)")
         count, classes_from = len(train_set.class_names), "the data"
         clips = len(train_set)
-        loader = make_loader(train_set, recipe.train.batch_size, True, 0, 0, processes, recipe.train.seed)
-        per_epoch = epoch_steps(loader, batch, clips)
+        t = recipe.train
+        loader = make_loader(train_set, t.batch_size, True, 0, 0, processes, t.seed, False, t.sampler, t.epoch_clips)
+        per_epoch = epoch_steps(loader, batch, t.epoch_clips or clips)
         warmup = round(recipe.train.warmup_epochs * per_epoch)
     elif recipe.model.num_classes:
         count, classes_from = recipe.model.num_classes, "model.num_classes"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .augment import AugmentConfig
 from .frontend import AudioConfig
+from .loader import SAMPLERS
 
 OPTIMIZERS = ("adamw", "lamb")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -76,6 +77,8 @@ class TrainRecipe:
     teacher: str = ""  # knowledge distillation: a `dclsify logits` file of the training clips; "": labels only
     kd_weight: float = 0.9  # loss = (1 - kd_weight) x loss on the labels + kd_weight x loss on the teacher's targets
     kd_temperature: float = 1.0  # the teacher's targets: sigmoid (softmax) of its logits / kd_temperature
+    sampler: str = "uniform"  # uniform (permutations, without replacement) or balanced (rare labels more often)
+    epoch_clips: int = 0  # clips an epoch, all processes together; 0: as many as the training data has
 
 
 SECTIONS = {"model": ModelRecipe, "train": TrainRecipe, "audio": AudioConfig, "augment": AugmentConfig}
@@ -183,6 +186,8 @@ def _check(recipe: Recipe) -> Recipe:
             "train.eval_every, checkpoint_every, keep and log_every must be at least 1",
         ),
         (t.workers >= 0, "train.workers must be >= 0"),
+        (t.sampler in SAMPLERS, f"train.sampler must be one of {', '.join(SAMPLERS)}, got {t.sampler!r}"),
+        (t.epoch_clips >= 0, "train.epoch_clips must be >= 0 (0: as many as the training data has)"),
         (m.num_classes >= 0, "model.num_classes must be >= 0 (0: from the data)"),
         (0 <= m.drop_path < 1, "model.drop_path must be in [0, 1)"),
         (0 <= t.kd_weight <= 1, "train.kd_weight must be in [0, 1]"),

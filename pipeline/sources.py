@@ -11,16 +11,19 @@ Three sources, one interface (:class:`ClipDataset`):
 any format libsndfile reads (wav, flac, ogg, mp3, ...), any rate and channel count, mixed
 to mono, resampled to the run's rate and padded or cut to its clip length. A clip that
 cannot be used is replaced by another, and the batch says which and why (see
-:class:`Batch`), so a run never stops for one bad file.
+:class:`Batch`), so a run never stops for one bad file. A black list (:func:`read_blacklist`)
+leaves clips out of any source: :func:`skip_blacklisted` gives a :class:`ClipSubset` of the rest.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -161,9 +164,14 @@ class ClipDataset(torch.utils.data.Dataset):
     class_names: list[str]
     multi_label: bool
     audio: AudioConfig
+    blacklisted: BlacklistReport | None = None  # what a black list left out (see :func:`skip_blacklisted`)
 
     def __len__(self) -> int:
         raise NotImplementedError
+
+    def target_matrix(self) -> np.ndarray:
+        """Every clip's target, (clips, classes) bool, read without decoding any audio."""
+        raise NotImplementedError(f"{type(self).__name__} cannot give its targets without decoding its clips")
 
     def clip_name(self, index: int) -> str:
         raise NotImplementedError
@@ -201,24 +209,36 @@ def numbered_classes(count: int) -> list[str]:
     return [f"class {i}" for i in range(count)]
 
 
-def clip_key(name: str) -> str:
-    """A clip name as black lists and file names spell it alike: ``Y-0Hz6AG9uV8.wav`` -> ``-0Hz6AG9uV8``."""
-    return Path(name.strip()).stem.removeprefix("Y")
+# An AudioSet clip's name: its YouTube id (11 characters), maybe with PANNs' "Y" before it and the
+# segment's start (and end) after it: Y-0Hz6AG9uV8, -0Hz6AG9uV8_30, Y0sYcEVTfF2E_0.000_10.000, oPRC3zComfA_000117.
+AUDIOSET_NAME = re.compile(r"Y?([A-Za-z0-9_-]{11})(?:_\d+(?:\.\d+)?){0,2}")
+
+
+def clip_stem(name: str) -> str:
+    """A clip name without its folders and its sound file extension: ``audio/Y-0Hz6AG9uV8.wav`` -> ``Y-0Hz6AG9uV8``
+    (only an audio extension goes: ``Y0sYcEVTfF2E_0.000_10.000`` keeps its dots)."""
+    base = name.strip().replace("\\", "/").rpartition("/")[2]
+    root, extension = os.path.splitext(base)
+    return root if extension.lower() in AUDIO_EXTENSIONS else base
+
+
+def youtube_id(name: str) -> str | None:
+    """The YouTube id in an AudioSet clip's name, however it is spelled (``Y-0Hz6AG9uV8.wav``,
+    ``-0Hz6AG9uV8_30.000``, ``Y-0Hz6AG9uV8_30.000_40.000``, ``-0Hz6AG9uV8``), else None."""
+    match = AUDIOSET_NAME.fullmatch(clip_stem(name))
+    return match.group(1) if match else None
 
 
 class HDF5Clips(ClipDataset):
     """Clips from one or several PANNs-layout HDF5 files, read as one, row by row.
 
     Each process (DataLoader worker) opens its own handles on first use: HDF5 handles do
-    not survive a fork. ``blacklist``: clip names to leave out (PANNs' black list).
-    Files written by :func:`dclsify.pipeline.pack.pack` also carry their sample rate and
-    class names; others are taken as 32 kHz with AudioSet's 527 classes (or numbered ones).
-    Without ``audio``, clips keep the first file's rate and length.
+    not survive a fork. Files written by :func:`dclsify.pipeline.pack.pack` also carry their
+    sample rate and class names; others are taken as 32 kHz with AudioSet's 527 classes (or
+    numbered ones). Without ``audio``, clips keep the first file's rate and length.
     """
 
-    def __init__(
-        self, paths: Sequence[str | os.PathLike], audio: AudioConfig | None = None, blacklist: Sequence[str] = ()
-    ) -> None:
+    def __init__(self, paths: Sequence[str | os.PathLike], audio: AudioConfig | None = None) -> None:
         import h5py
 
         self.paths = [Path(p) for p in paths]
@@ -274,17 +294,9 @@ class HDF5Clips(ClipDataset):
             self.audio = audio or AudioConfig(sample_rate=rates[0], seconds=lengths[0] / rates[0])
         except ValueError as error:
             raise DataError(f"{self.paths[0]}: clips of {lengths[0]} samples at {rates[0]} Hz: {error}") from None
-        skip = {clip_key(name) for name in blacklist}
-        file_index, row_index, self.names = [], [], []
-        for i, file_names in enumerate(names):
-            for row, name in enumerate(file_names):
-                if clip_key(name) not in skip:
-                    file_index.append(i)
-                    row_index.append(row)
-                    self.names.append(name)
-        self.file_index = np.array(file_index, dtype=np.int32)
-        self.row_index = np.array(row_index, dtype=np.int64)
-        self.skipped = sum(len(n) for n in names) - len(self.names)
+        self.names = [name for file_names in names for name in file_names]
+        self.file_index = np.concatenate([np.full(len(n), i, dtype=np.int32) for i, n in enumerate(names)])
+        self.row_index = np.concatenate([np.arange(len(n), dtype=np.int64) for n in names])
         self._handles: list | None = None
         self._pid: int | None = None
 
@@ -307,6 +319,15 @@ class HDF5Clips(ClipDataset):
 
     def clip_path(self, index: int) -> str:
         return f"{self.paths[self.file_index[index]]}:{self.names[index]}"
+
+    def target_matrix(self) -> np.ndarray:
+        import h5py
+
+        parts = []
+        for path in self.paths:
+            with h5py.File(path, "r") as handle:
+                parts.append(handle["target"][:].astype(bool, copy=False))
+        return np.concatenate(parts)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         i, row = self.file_index[index], self.row_index[index]
@@ -342,6 +363,9 @@ class LabelledFiles(ClipDataset):
 
     def labels(self, index: int) -> list[str]:
         return [self.class_names[i] for i in np.flatnonzero(self.targets[index])]
+
+    def target_matrix(self) -> np.ndarray:
+        return self.targets
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return decode(self.paths[index], self.audio), self.targets[index]
@@ -513,26 +537,34 @@ def open_source(
     audio: AudioConfig | None = None,
     audio_dir: str | os.PathLike | None = None,
     classes: str | os.PathLike | None = None,
-    blacklist: str | os.PathLike | None = None,
+    blacklist: str | os.PathLike | Blacklist | None = None,
 ) -> ClipDataset:
     """The dataset a path names, whatever its kind:
 
     - ``.h5``/``.hdf5`` files (several: a list, ``a.h5,b.h5`` or a glob such as
-      ``unbalanced_train_part*.h5``): :class:`HDF5Clips`; ``blacklist``, a file of clip
-      names (one per line, or the first CSV column) to leave out;
+      ``unbalanced_train_part*.h5``): :class:`HDF5Clips`;
     - a CSV whose first line starts with ``#``: an AudioSet segment CSV, with its clips in
       ``audio_dir`` (default: the CSV's folder): :class:`SegmentClips`;
     - a CSV with a ``path`` column or a ``.jsonl`` file: a manifest, with the class list
       ``classes`` (a file, or ``"audioset"``; default: from the manifest): :class:`ManifestClips`.
+
+    With a ``blacklist`` (a file :func:`read_blacklist` reads, or what it returned), the clips it
+    names are left out of any of them: a :class:`ClipSubset` (:func:`skip_blacklisted`).
     """
+    dataset = _open_kind(path, audio, audio_dir, classes)
+    if blacklist is None:
+        return dataset
+    return skip_blacklisted(dataset, blacklist if isinstance(blacklist, Blacklist) else read_blacklist(blacklist))
+
+
+def _open_kind(path, audio, audio_dir, classes) -> ClipDataset:
     paths = _expand(path)
     for p in paths:
         if not p.exists():
             raise DataError(f"no such file: {p}")
     suffixes = {p.suffix.lower() for p in paths}
     if suffixes <= {".h5", ".hdf5"}:
-        skip = _read_blacklist(blacklist) if blacklist else ()
-        return HDF5Clips(paths, audio, skip)
+        return HDF5Clips(paths, audio)
     if len(paths) > 1:
         raise DataError(f"several files are read together only when all are HDF5: {', '.join(map(str, paths))}")
     source = paths[0]
@@ -551,10 +583,117 @@ def open_source(
     )
 
 
-def _read_blacklist(path: str | os.PathLike) -> set[str]:
-    """Clip names, one per line or in a CSV's first column."""
+# -- black lists ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Blacklist:
+    """The clip ids of a black list file (distinct, in the file's order) and the file's sha256."""
+
+    path: str
+    ids: tuple[str, ...]
+    digest: str
+
+
+@dataclass(frozen=True)
+class BlacklistReport:
+    """What a black list did to a source: ``skipped`` clips left out, and how many of its ``ids`` named none."""
+
+    path: str
+    ids: int
+    skipped: int
+    unmatched: int
+
+    def __str__(self) -> str:
+        unmatched = f"; {self.unmatched} of its {self.ids} ids name no clip here" if self.unmatched else ""
+        return f"black list {self.path}: {self.skipped} clips skipped{unmatched}"
+
+
+def read_blacklist(path: str | os.PathLike) -> Blacklist:
+    """A black list file: one clip id a line, as AudioSet's black lists come (PANNs'
+    ``metadata/black_list/*.csv``: bare YouTube ids, no header). Blank lines, and everything from a
+    ``#`` to the end of a line, are ignored; of a line with tabs or commas (a TSV or CSV, such as
+    DCASE's label files or an AudioSet segment CSV), the first field is the id. An id is a YouTube id
+    or a clip name, spelled any way :func:`skip_blacklisted` matches."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no such black list: {path}")
-    rows = csv.reader(path.read_text().splitlines())
-    return {row[0].strip() for row in rows if row and row[0].strip() and not row[0].startswith("#")}
+    try:
+        data = path.read_bytes()
+        text = data.decode("utf-8-sig")
+    except OSError as error:
+        raise DataError(f"cannot read the black list {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a black list (a text file of clip ids, one a line)") from None
+    ids: dict[str, None] = {}  # an ordered set
+    for line in text.splitlines():
+        line = line.partition("#")[0].partition("\t")[0]
+        first = next(csv.reader([line], skipinitialspace=True), [""])[0] if "," in line else line
+        if first.strip():
+            ids[first.strip()] = None
+    if not ids:
+        raise DataError(f"{path}: no clip ids in this black list (one a line: a YouTube id or a clip name)")
+    return Blacklist(str(path), tuple(ids), hashlib.sha256(data).hexdigest())
+
+
+class ClipSubset(ClipDataset):
+    """Some clips of another dataset, in its order: clip ``i`` is ``dataset``'s clip ``indices[i]``."""
+
+    def __init__(
+        self, dataset: ClipDataset, indices: Sequence[int], blacklisted: BlacklistReport | None = None
+    ) -> None:
+        self.dataset, self.indices = dataset, np.asarray(indices, dtype=np.int64)
+        self.class_names, self.multi_label, self.audio = dataset.class_names, dataset.multi_label, dataset.audio
+        self.blacklisted = blacklisted
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def clip_name(self, index: int) -> str:
+        return self.dataset.clip_name(int(self.indices[index]))
+
+    def clip_path(self, index: int) -> str:
+        return self.dataset.clip_path(int(self.indices[index]))
+
+    def labels(self, index: int) -> list[str]:
+        return self.dataset.labels(int(self.indices[index]))
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.dataset.load(int(self.indices[index]))
+
+    def target_matrix(self) -> np.ndarray:
+        return self.dataset.target_matrix()[self.indices]
+
+
+def skip_blacklisted(dataset: ClipDataset, blacklist: Blacklist) -> ClipSubset:
+    """``dataset`` without the clips ``blacklist`` names; its ``blacklisted`` counts them.
+
+    An id names a clip when, with folders and a sound file extension taken off both, they are
+    equal, equal but for a ``Y`` before the clip's name (PANNs stores AudioSet clip ``<id>`` as
+    ``Y<id>.wav``), or both are AudioSet names of the same YouTube video (:func:`youtube_id`):
+    ``-0Hz6AG9uV8`` in a list names the clips ``Y-0Hz6AG9uV8.wav``, ``Y-0Hz6AG9uV8`` and
+    ``-0Hz6AG9uV8_30.000_40.000``, and so do ``Y-0Hz6AG9uV8.wav`` and ``Y-0Hz6AG9uV8_30_40``.
+    """
+    entries_of: dict[str, list[int]] = {}
+    for number, entry in enumerate(blacklist.ids):
+        for key in {clip_stem(entry), youtube_id(entry)}:
+            if key:
+                entries_of.setdefault(key, []).append(number)
+    named = np.zeros(len(blacklist.ids), dtype=bool)
+    kept = []
+    for index in range(len(dataset)):
+        stem = clip_stem(dataset.clip_name(index))
+        unprefixed = stem[1:] if stem.startswith("Y") else None
+        # a YouTube id opens the name, after an optional Y: look it up only where one of those may be listed
+        maybe_id = stem[:11] in entries_of or stem[1:12] in entries_of
+        keys = {stem, unprefixed, youtube_id(stem) if maybe_id else None}
+        found = [number for key in keys if key in entries_of for number in entries_of[key]]
+        if found:
+            named[found] = True
+        else:
+            kept.append(index)
+    if not kept:
+        raise DataError(f"the black list {blacklist.path} names every clip of the data ({len(dataset)}): none is left")
+    skipped = len(dataset) - len(kept)
+    report = BlacklistReport(blacklist.path, len(blacklist.ids), skipped, int((~named).sum()))
+    return ClipSubset(dataset, kept, report)

@@ -29,7 +29,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,7 @@ from .evaluate import autocast, metrics, score_clips
 from .frontend import LogMel
 from .loader import FailureLog, make_loader
 from .recipe import BatchPlan, Recipe, RecipeError, TrainRecipe, as_recipe, plan_batch, recipe_from_dict
-from .sources import ClipDataset, open_source
+from .sources import ClipDataset, open_source, read_blacklist
 from .teacher import distillation_loss, read_teacher, teacher_targets
 
 RUN_FILES = (
@@ -254,7 +254,7 @@ def epoch_steps(loader, plan: BatchPlan, clips: int) -> int:
     steps = len(loader) // plan.accumulate
     if steps == 0:
         raise TrainError(
-            f"{clips} training clips make no full step of a global batch of {plan.global_batch}: "
+            f"{clips} training clips an epoch make no full step of a global batch of {plan.global_batch}: "
             "lower train.global_batch"
         )
     return steps
@@ -482,13 +482,16 @@ def train(
     stop_after: int | None = None,
     audio_dir: str | os.PathLike | None = None,
     classes: str | os.PathLike | None = None,
+    blacklist: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train the model ``recipe`` names on ``data`` (any source :func:`~dclsify.pipeline.sources.open_source`
     reads), evaluating on ``eval_data`` every ``train.eval_every`` epochs; results in ``out``.
 
     ``audio_dir`` and ``classes`` are ``open_source``'s: the folder of a segment CSV's clips,
-    a manifest's class list. ``resume=True`` continues the run in ``out`` (its recipe and
-    data are read from its ``config.json``; give neither). Ctrl-C (or ``stop_after=N``
+    a manifest's class list. ``blacklist``: a file of clip ids to leave out of the training data
+    (:func:`~dclsify.pipeline.sources.read_blacklist`; the evaluation data is scored whole).
+    ``resume=True`` continues the run in ``out`` (its recipe, data and black list are read from
+    its ``config.json``; give none of them). Ctrl-C (or ``stop_after=N``
     optimiser steps in total) stops the run after the step under way, saves a checkpoint and
     returns; resume continues exactly. With ``train.teacher`` (a file of
     :func:`~dclsify.pipeline.teacher.score_to_file`) the run distils
@@ -498,16 +501,25 @@ def train(
     started = time.perf_counter()
     run_dir = Path(out)
     if resume:
-        if recipe is not None or data is not None:
-            raise TrainError("--resume continues a run as it was recorded: give no recipe, --set or --data")
+        if recipe is not None or data is not None or blacklist is not None:
+            raise TrainError(
+                "--resume continues a run as it was recorded: give no recipe, --set, --data or --blacklist"
+            )
         recorded = _recorded_run(run_dir)
         recipe = _recipe_of(recorded)
         data, eval_data = recorded["data"], recorded["eval_data"]
         audio_dir, classes = recorded.get("audio_dir"), recorded.get("classes")
+        blacklist = (recorded.get("blacklist") or {}).get("path")
     else:
         recipe = as_recipe(recipe)
         if data is None:
             raise TrainError("no training data: give --data (an HDF5 file, a segment CSV or a manifest)")
+    skip = read_blacklist(blacklist) if blacklist is not None else None
+    if resume and skip is not None and skip.digest != recorded["blacklist"]["sha256"]:
+        raise TrainError(
+            f"the black list {skip.path} changed since the run started: it would train on other clips; "
+            "put the list back as it was to resume"
+        )
     t = recipe.train
     rank, world, local_rank = _distributed(t.device)
     plan_batch(t, world)  # a global batch these processes cannot make fails before anything is read
@@ -521,7 +533,7 @@ def train(
             "train.compile is for GPUs: on the CPU, torch 2.11's compiled backward of these models gave wrong "
             "gradients (some zero) in our tests; train eagerly there"
         )
-    train_set = open_source(data, recipe.audio, audio_dir, classes)
+    train_set = open_source(data, recipe.audio, audio_dir, classes, skip)
     eval_set = open_source(eval_data, recipe.audio, audio_dir, classes) if eval_data is not None else None
     if not train_set.class_names:
         raise TrainError(f"{data} has no classes to learn (no labels)")
@@ -547,6 +559,7 @@ def train(
             "class_names": train_set.class_names,
             "multi_label": train_set.multi_label,
             "world_size": world,
+            "blacklist": None if skip is None else {"sha256": skip.digest, **asdict(train_set.blacklisted)},
         }
         (run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
     with _deterministic(t.deterministic, device):
@@ -616,11 +629,13 @@ def _run(
     multi_label = train_set.multi_label
     plan = plan_batch(t, world)
     accumulate, global_batch = plan.accumulate, plan.global_batch
-    loader = make_loader(train_set, t.batch_size, True, t.workers, rank, world, t.seed, device.type == "cuda")
+    loader = make_loader(
+        train_set, t.batch_size, True, t.workers, rank, world, t.seed, device.type == "cuda", t.sampler, t.epoch_clips
+    )
     eval_loader = None
     if eval_set is not None:
         eval_loader = make_loader(eval_set, t.batch_size, False, t.workers, rank, world, t.seed, device.type == "cuda")
-    steps_per_epoch = epoch_steps(loader, plan, len(train_set))
+    steps_per_epoch = epoch_steps(loader, plan, t.epoch_clips or len(train_set))
     total_steps, warmup_steps = t.epochs * steps_per_epoch, round(t.warmup_epochs * steps_per_epoch)
     optimizer = make_optimizer(recipe.train, model, plan.lr)
     from timm.scheduler import CosineLRScheduler
@@ -680,6 +695,8 @@ def _run(
     for line in (plan.describe(), plan.describe_lr()) if rank == 0 else ():
         if line:
             _say(progress, line)
+    if train_set.blacklisted is not None:
+        _say(progress, f"training data: {train_set.blacklisted}")
     clips_done, clock = 0, time.perf_counter()
     window_start = time.perf_counter()
 

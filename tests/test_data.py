@@ -17,9 +17,10 @@ from dclsify import cli
 from dclsify.cli import app
 from dclsify.pipeline.augment import Augment, AugmentConfig, change_speed, erase_boxes, roll
 from dclsify.pipeline.frontend import AudioConfig, LogMel
-from dclsify.pipeline.loader import FailureLog, ShardSampler, make_loader
+from dclsify.pipeline.loader import BalancedSampler, FailureLog, ShardSampler, balanced_weights, make_loader
 from dclsify.pipeline.pack import pack
 from dclsify.pipeline.sources import (
+    ClipSubset,
     DataError,
     HDF5Clips,
     ManifestClips,
@@ -27,6 +28,8 @@ from dclsify.pipeline.sources import (
     audioset_classes,
     decode,
     open_source,
+    read_blacklist,
+    youtube_id,
 )
 
 runner = CliRunner()
@@ -176,6 +179,106 @@ def test_hdf5_sources_concatenate_and_skip_a_black_list(tmp_path):
     assert len(open_source(str(tmp_path / "*.h5"))) == 3
 
 
+def write_hdf5(path, names, targets=None):
+    """A PANNs-layout file of tiny clips: clip i's samples all equal i + 1."""
+    targets = np.eye(len(names), 4, dtype=bool) if targets is None else np.asarray(targets, dtype=bool)
+    with h5py.File(path, "w") as handle:
+        handle["audio_name"] = np.array([n.encode() for n in names])
+        handle["waveform"] = np.repeat(np.arange(1, len(names) + 1, dtype=np.int16)[:, None], 2048, axis=1)
+        handle["target"] = targets
+        handle.attrs.update(class_names=json.dumps(["a", "b", "c", "d"]))
+    return path
+
+
+def test_black_lists_are_read_as_audioset_ships_them(tmp_path):
+    # PANNs' metadata/black_list/*.csv: bare YouTube ids, one a line, no header
+    (tmp_path / "panns.csv").write_text("-0Hz6AG9uV8\n0sYcEVTfF2E\n-0Hz6AG9uV8\n")
+    assert read_blacklist(tmp_path / "panns.csv").ids == ("-0Hz6AG9uV8", "0sYcEVTfF2E")  # distinct, in order
+    mixed = [
+        "# clips that overlap the DCASE 2017 task 4 evaluation set",
+        "",
+        "  Y-0Hz6AG9uV8.wav   # a note",
+        '--PJHxphWEs, 30.000, 40.000, "/m/09x0r,/t/dd00088"',  # an AudioSet segment CSV line
+        "Y0sYcEVTfF2E_0.000_10.000.wav\t0.0\t10.0\tSpeech",  # a DCASE label file line (tabs)
+        "my clip.flac",
+    ]
+    (tmp_path / "mixed.txt").write_text("\n".join(mixed) + "\n")
+    ids = read_blacklist(tmp_path / "mixed.txt").ids
+    assert ids == ("Y-0Hz6AG9uV8.wav", "--PJHxphWEs", "Y0sYcEVTfF2E_0.000_10.000.wav", "my clip.flac")
+    spellings = ["Y-0Hz6AG9uV8.wav", "-0Hz6AG9uV8", "Y-0Hz6AG9uV8", "-0Hz6AG9uV8_30.000_40.000", "a/Y-0Hz6AG9uV8.FLAC"]
+    assert {youtube_id(name) for name in spellings} == {"-0Hz6AG9uV8"}
+    assert youtube_id("Yabcdefghij_30") == "Yabcdefghij"  # an id that starts with Y, without PANNs' Y
+    assert youtube_id("oPRC3zComfA_000117") == "oPRC3zComfA" and youtube_id("dog_bark") is None
+    (tmp_path / "comments.txt").write_text("# nothing but a comment\n\n")
+    (tmp_path / "binary.csv").write_bytes(b"\x89HDF\r\n\x1a\n\xff\xfe")
+    for path, message in [
+        (tmp_path / "nope.csv", "no such black list"),
+        (tmp_path / "comments.txt", "no clip ids in this black list"),
+        (tmp_path / "binary.csv", "not a black list"),
+        (tmp_path, "no such black list"),
+    ]:
+        with pytest.raises(DataError, match=message):
+            read_blacklist(path)
+
+
+def test_a_black_list_skips_every_spelling_of_its_clips_and_counts_them(tmp_path):
+    names = [
+        "Y-0Hz6AG9uV8.wav",  # PANNs' name of YouTube clip -0Hz6AG9uV8
+        "0sYcEVTfF2E_30.000_40.000",  # a segment's name
+        "Yabcdefghijk",
+        "keep1",
+        "dog_bark",
+        "Yone.wav",
+        "Y--PJHxphWEs.wav",
+    ]
+    targets = [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0], [0, 0, 0, 0]]
+    write_hdf5(tmp_path / "set.h5", names, targets)
+    listed = [
+        "-0Hz6AG9uV8",  # a bare id names PANNs' Y<id>.wav
+        "Y0sYcEVTfF2E.wav",  # PANNs' form names the segment
+        "abcdefghijk_0.000_10.000",  # a segment form names Y<id>
+        "dog_bark.wav",  # an extension is no part of a name
+        "one",  # PANNs' Y<name>.wav, for any name
+        "keep",  # a part of a name is not the name
+        "zzzzzzzzzzz",
+    ]
+    (tmp_path / "black.csv").write_text("\n".join(listed) + "\n")
+    whole = open_source(tmp_path / "set.h5")
+    data = open_source(tmp_path / "set.h5", blacklist=tmp_path / "black.csv")
+    assert isinstance(data, ClipSubset) and [data.clip_name(i) for i in range(len(data))] == [
+        "keep1",
+        "Y--PJHxphWEs.wav",
+    ]
+    report = data.blacklisted
+    assert (report.ids, report.skipped, report.unmatched) == (7, 5, 2)
+    assert str(report) == f"black list {tmp_path / 'black.csv'}: 5 clips skipped; 2 of its 7 ids name no clip here"
+    assert np.array_equal(whole.target_matrix(), np.array(targets, dtype=bool))
+    assert np.array_equal(data.target_matrix(), whole.target_matrix()[[3, 6]])
+    assert [int(data[i][0][0]) for i in range(2)] == [4, 7] and data.labels(0) == ["c"]
+    loaded = torch.cat([batch.waveforms[:, 0] for batch in make_loader(data, batch_size=2, train=False)])
+    assert loaded.tolist() == [4, 7]
+    (tmp_path / "all.csv").write_text("\n".join(names) + "\n")
+    with pytest.raises(DataError, match="names every clip of the data"):
+        open_source(tmp_path / "set.h5", blacklist=tmp_path / "all.csv")
+
+
+def test_pack_leaves_a_black_lists_clips_out_and_says_how_many(clips, tmp_path):
+    root, specs = clips
+    (tmp_path / "black.csv").write_text("bbbbbbbbbb2\nYdddddddddd4.wav\nnever_seen\n")
+    out = tmp_path / "set.h5"
+    args = ["pack", str(root / "segments.csv"), "-o", str(out), "--seconds", "1", "--workers", "0"]
+    result = runner.invoke(app, [*args, "--blacklist", str(tmp_path / "black.csv")])
+    assert result.exit_code == 0, result.output
+    assert f"black list {tmp_path / 'black.csv'}: 2 clips skipped; 1 of its 3 ids name no clip here" in result.output
+    assert "packed 4 clips" in result.output
+    packed = open_source(out)
+    kept = [spec for spec in specs if spec[0] not in ("bbbbbbbbbb2", "dddddddddd4")]
+    assert [packed.clip_name(i) for i in range(4)] == [f"Y{ytid}" for ytid, *_ in kept]
+    assert [np.flatnonzero(t).tolist() for t in packed.target_matrix()] == [sorted(s[-1]) for s in kept]
+    missing = runner.invoke(app, [*args, "--blacklist", str(tmp_path / "none.csv")])
+    assert missing.exit_code == 1 and "no such black list" in missing.output and "Traceback" not in missing.output
+
+
 def test_faulty_clips_are_replaced_counted_and_logged_once(clips, caplog):
     root, _ = clips
     rows = (root / "manifest.csv").read_text().splitlines()
@@ -211,6 +314,68 @@ def test_shard_sampler_is_disjoint_complete_seeded_and_resumable():
     assert sorted(i for shard in evaluation for i in shard) == list(range(103))  # each clip exactly once
     with pytest.raises(ValueError, match="rank 4 is not in a world of 4"):
         ShardSampler(10, 4, 4)
+
+
+def test_uniform_epochs_of_any_length_cut_one_stream_of_seeded_permutations():
+    def permutation(k):
+        return torch.randperm(10, generator=torch.Generator().manual_seed(3 + k)).tolist()
+
+    def epoch(sampler, e, start=0):
+        sampler.set_epoch(e, start)
+        return list(sampler)
+
+    whole = ShardSampler(10, seed=3)
+    assert [epoch(whole, e) for e in range(3)] == [permutation(e) for e in range(3)]  # as before epoch_clips
+    short = ShardSampler(10, seed=3, epoch_clips=4)
+    assert sum((epoch(short, e) for e in range(5)), []) == permutation(0) + permutation(1)
+    assert len(short) == 4 and epoch(short, 2, start=1) == (permutation(0) + permutation(1))[9:12]
+    long = ShardSampler(10, seed=3, epoch_clips=25)
+    assert epoch(long, 1) == (permutation(2) + permutation(3) + permutation(4))[5:30]
+    shares = [ShardSampler(10, rank, 2, seed=3, epoch_clips=7) for rank in range(2)]  # 7 clips: 3 a rank
+    assert [epoch(s, 0) for s in shares] == [permutation(0)[0:6:2], permutation(0)[1:6:2]]
+
+
+def test_balanced_sampling_draws_clips_by_the_rarity_of_their_labels():
+    targets = np.array(
+        [[1, 0, 0], [1, 1, 0], [1, 0, 0], [0, 0, 1], [0, 0, 0]], dtype=bool
+    )  # label counts 3, 1, 1; the last clip has none
+    weights = balanced_weights(targets)
+    common, rare = 1000 / 103, 1000 / 101
+    np.testing.assert_allclose(weights, [common, common + rare, common, rare, common], rtol=1e-15)
+    sampler = BalancedSampler(weights, seed=7, epoch_clips=200_000)
+    sampler.set_epoch(2)
+    draws = np.array(list(sampler))
+    assert len(draws) == 200_000 == len(sampler)
+    np.testing.assert_allclose(np.bincount(draws, minlength=5) / len(draws), weights / weights.sum(), atol=0.004)
+
+    small = BalancedSampler(weights, seed=7, epoch_clips=13)  # two ranks share one global draw of 12
+    small.set_epoch(1)
+    draw = list(small)
+    ranks = [BalancedSampler(weights, rank, 2, seed=7, epoch_clips=13) for rank in range(2)]
+    for r in ranks:
+        r.set_epoch(1)
+    shares = [list(r) for r in ranks]
+    assert [len(s) for s in shares] == [6, 6] == [len(r) for r in ranks]
+    assert [i for pair in zip(*shares, strict=True) for i in pair] == draw[:12]  # disjoint turns of the same draw
+    ranks[1].set_epoch(1, start=4)
+    assert list(ranks[1]) == shares[1][4:] and len(ranks[1]) == 2  # a resume takes the rest of its share
+    small.set_epoch(2)
+    assert list(small) != draw and len(BalancedSampler(weights)) == 5  # epoch_clips 0: the data's size
+    assert balanced_weights(np.zeros((3, 2), dtype=bool)).tolist() == [10.0] * 3  # no labels anywhere: uniform
+
+
+def test_loaders_epochs_follow_the_sampler_and_epoch_clips(tmp_path):
+    targets = [[1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
+    data = open_source(write_hdf5(tmp_path / "set.h5", [f"c{i}" for i in range(6)], targets))
+    balanced = make_loader(data, batch_size=4, train=True, seed=1, sampler="balanced", epoch_clips=40)
+    assert len(balanced) == 10 and isinstance(balanced.sampler, BalancedSampler)
+    weights = [1000 / 102] * 2 + [1000 / 101] * 2 + [1000 / 102] * 2  # the targets read from the file
+    np.testing.assert_allclose(balanced.sampler.cumulative, np.cumsum(weights), rtol=1e-15)
+    assert sum(len(batch.indices) for batch in balanced) == 40
+    assert len(make_loader(data, batch_size=4, train=True, epoch_clips=9)) == 2
+    assert len(make_loader(data, batch_size=4, train=False)) == 2  # evaluation: every clip once
+    with pytest.raises(ValueError, match="sampler must be one of uniform, balanced"):
+        make_loader(data, batch_size=4, train=True, sampler="random")
 
 
 def test_loader_moves_int16_and_bool_and_drops_the_last_training_batch(clips):

@@ -172,6 +172,79 @@ def test_interrupted_and_resumed_in_a_new_process_equals_uninterrupted_bit_for_b
     assert_same_bits(uninterrupted(device), tmp_path / "part")
 
 
+def test_balanced_sampling_with_a_black_list_resumes_bit_for_bit(sets, tmp_path, monkeypatch):
+    from dclsify.pipeline import loader as loader_module
+
+    train_set, _ = sets
+    (tmp_path / "black.csv").write_text("clip3\nclip10\nclip99\n")
+    balanced = ["train.sampler=balanced", "train.epoch_clips=12", "train.checkpoint_every=2", "train.ema_decay=0.9"]
+    recipe = load_recipe(None, TINY + balanced)
+    drawn = []  # the epochs whose global draw the balanced sampler made
+    real_order = loader_module.BalancedSampler.order
+    monkeypatch.setattr(
+        loader_module.BalancedSampler, "order", lambda self: drawn.append(self.epoch) or real_order(self)
+    )
+    whole = train(recipe, train_set, None, tmp_path / "whole", blacklist=tmp_path / "black.csv")
+    assert whole.steps == 6 and drawn == [0, 1]  # 12 clips of 4 an epoch, 2 epochs
+    part = train(recipe, train_set, None, tmp_path / "part", stop_after=4, blacklist=tmp_path / "black.csv")
+    assert part.interrupted and part.steps == 4  # in the middle of epoch 2
+    resumed = train(out=tmp_path / "part", resume=True)  # the black list comes from config.json
+    assert resumed.steps == 6 and drawn == [0, 1, 0, 1, 1]
+    assert losses(tmp_path / "part") == losses(tmp_path / "whole")
+    a, b = (torch.load(tmp_path / run / "checkpoints/step_0000006.pt") for run in ("whole", "part"))
+    for part_name in ("model", "ema"):
+        for key, tensor in a[part_name].items():
+            assert torch.equal(tensor, b[part_name][key]), (part_name, key)
+    recorded = json.loads((tmp_path / "part" / "config.json").read_text())["blacklist"]
+    assert {k: recorded[k] for k in ("path", "ids", "skipped", "unmatched")} == {
+        "path": str(tmp_path / "black.csv"),
+        "ids": 3,
+        "skipped": 2,
+        "unmatched": 1,
+    }
+    (tmp_path / "black.csv").write_text("clip3\n")
+    with pytest.raises(TrainError, match="changed since the run started"):
+        train(out=tmp_path / "part", resume=True)
+
+
+def test_train_and_eval_leave_a_black_lists_clips_out(sets, tmp_path):
+    from dclsify.pipeline.evaluate import evaluate
+
+    train_set, eval_set = sets
+    (tmp_path / "train_black.csv").write_text("clip1\nclip5\nclip7.wav\nnot_a_clip\n")
+    run = tmp_path / "run"
+    args = ["train", "--data", str(train_set), "--out", str(run)]
+    args += [item for override in [*TINY, "train.epochs=1"] for item in ("--set", override)]
+    missing = runner.invoke(app, [*args, "--blacklist", str(tmp_path / "nope.csv")])
+    assert missing.exit_code == 1 and "no such black list" in missing.output and "Traceback" not in missing.output
+    assert not run.exists()
+    args += ["--blacklist", str(tmp_path / "train_black.csv")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    expected = f"black list {tmp_path / 'train_black.csv'}: 3 clips skipped; 1 of its 4 ids name no clip here"
+    assert f"training data: {expected}" in result.output
+    assert "5 steps in" in result.output  # 21 clips of the 24 make 5 batches of 4
+    again = runner.invoke(app, ["train", "--resume", str(run), "--blacklist", str(tmp_path / "train_black.csv")])
+    assert again.exit_code == 1 and "give no --recipe" in again.output and "--blacklist" in again.output
+
+    (tmp_path / "eval_black.csv").write_text("# four of the sixteen\nclip0\nclip4\nclip8\nclip12\n")
+    with h5py.File(eval_set) as source, h5py.File(tmp_path / "rest.h5", "w") as handle:  # the same, by hand
+        keep = np.arange(16) % 4 != 0
+        for key in ("audio_name", "waveform", "target"):
+            handle[key] = source[key][:][keep]
+        handle.attrs.update(source.attrs)
+    checkpoint = str(run / "last.safetensors")
+    command = ["eval", checkpoint, "--data", str(eval_set), "--blacklist", str(tmp_path / "eval_black.csv")]
+    reported = json.loads(runner.invoke(app, [*command, "--json"]).output)
+    assert reported["clips"] == 12 and reported["blacklisted"]["skipped"] == 4
+    assert reported["blacklisted"]["unmatched"] == 0
+    assert reported["mAP"] == evaluate(checkpoint, tmp_path / "rest.h5").mAP
+    printed = runner.invoke(app, command)
+    assert printed.exit_code == 0 and f"black list {tmp_path / 'eval_black.csv'}: 4 clips skipped" in printed.output
+    bad = runner.invoke(app, [*command[:-1], str(tmp_path)])
+    assert bad.exit_code == 1 and "no such black list" in bad.output and "Traceback" not in bad.output
+
+
 def test_parameter_groups_follow_the_paper():
     recipe = load_recipe(None, TINY)
     model = build_model(recipe, 4)
@@ -213,6 +286,8 @@ def test_recipe_errors_name_the_key():
         (["augment.speed_p=2"], "augment.speed_p must be a probability"),
         (["audio.f_max=20000"], "f_max"),
         (["lr"], "--set takes section.key=value"),
+        (["train.sampler=random"], "train.sampler must be one of uniform, balanced, got 'random'"),
+        (["train.epoch_clips=-1"], "train.epoch_clips must be >= 0"),
     ]
     for overrides, message in cases:
         with pytest.raises(RecipeError) as error:
