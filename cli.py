@@ -773,7 +773,7 @@ def train_command(
         else:
             _print_plan(plan)
         return
-    options = dict(overwrite=overwrite, trust_code=trust_code, audio_dir=audio_dir, classes=labels)
+    options = dict(overwrite=overwrite, trust_code=trust_code, audio_dir=audio_dir, classes=labels, blacklist=blacklist)
     try:
         result = train_or_demo(recipe, overrides, data, eval_data, out, resume, console, **options)
     except (RecipeError, DataError, TrainError) as error:

@@ -238,11 +238,14 @@ def _find_stem_conv(model: nn.Module) -> str:
 def _rewrite_stem(model, family, geometry, in_chans: int) -> str:
     reference = next(model.parameters())
     kernel, stride = geometry
+    paper_stem = (tuple(kernel), tuple(stride)) == tuple(tuple(pair) for pair in AUDIO_STEM)
 
     def conv_factory(out_channels: int, bias: bool) -> nn.Conv2d:
         bias = bias if family is None or family.stem_bias is None else family.stem_bias
         # built on the CPU, so that the seed gives the same weights on every device
-        conv = init_new_layer(nn.Conv2d(in_chans, out_channels, kernel, stride, bias=bias))
+        conv = nn.Conv2d(in_chans, out_channels, kernel, stride, bias=bias)
+        if paper_stem:  # the authors' init for the authors' stem; with it a 4x4 stem on small
+            init_new_layer(conv)  # maps failed to learn in our short tests (PyTorch's default kept there)
         return conv.to(device=reference.device, dtype=reference.dtype)
 
     if family is not None:
