@@ -11,6 +11,7 @@ import inspect
 import json
 import textwrap
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -66,6 +67,29 @@ def print_table(table: Table) -> None:
     for column, width in zip(table.columns, widths, strict=True):
         column.width = width
     console.print(table, crop=False)
+
+
+@contextmanager
+def clips_bar(description: str, rate_format: str):
+    """A transient progress bar of clips done, with their rate; yields it and the
+    ``progress(done, total)`` callback that long library calls (pack, score_to_file) take."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn(description),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} clips/s"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(description, total=None, rate="-")
+
+        def progress(done: int, total: int) -> None:
+            speed = bar.tasks[0].speed
+            bar.update(task, completed=done, total=total, rate="-" if speed is None else format(speed, rate_format))
+
+        yield bar, progress
 
 
 def fail(message: str) -> None:
@@ -615,26 +639,12 @@ def pack_command(
     blacklist: Path | None = BLACKLIST,
 ) -> None:
     """Decode a segment CSV + folder, or a manifest, into one HDF5 file (PANNs layout). Resumable."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from dclsify.pipeline.pack import pack
     from dclsify.pipeline.sources import DataError
 
     audio = _audio_config(sample_rate, seconds)
-    columns = (
-        TextColumn("packing"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} clips/s"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("packing", total=None, rate="-")
-
-        def progress(done: int, total: int) -> None:
-            speed = bar.tasks[0].speed
-            bar.update(task, completed=done, total=total, rate="-" if speed is None else f"{speed:.0f}")
-
+    with clips_bar("packing", ".0f") as (bar, progress):
         try:
             report = pack(source, output, audio_dir, labels, audio, workers, progress, blacklist)
         except DataError as error:
@@ -1109,7 +1119,6 @@ def logits_command(
     """Score every clip of a training set, without augmentation, with a model or the mean logits of several: the
     teacher file of knowledge distillation (dclsify train --set train.teacher=FILE). Resumable: after an
     interruption, the same command continues."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from dclsify.pipeline.recipe import PRECISIONS
     from dclsify.pipeline.sources import DataError
@@ -1122,21 +1131,8 @@ def logits_command(
     paths = [Path(part.strip()) for argument in checkpoints for part in argument.split(",")]
     if not all(str(path) and str(path) != "." for path in paths):
         fail(f"an empty checkpoint name in {','.join(checkpoints)}: give paths separated by commas")
-    columns = (
-        TextColumn("scoring"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} clips/s"),
-        TimeRemainingColumn(),
-    )
     options = dict(trust_code=trust_code, audio_dir=audio_dir, classes=labels, overwrite=overwrite)
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("scoring", total=None, rate="-")
-
-        def progress(done: int, total: int) -> None:
-            speed = bar.tasks[0].speed
-            bar.update(task, completed=done, total=total, rate="-" if speed is None else f"{speed:.1f}")
-
+    with clips_bar("scoring", ".1f") as (bar, progress):
         try:
             report = score_to_file(paths, data, output, batch, workers, device, precision, progress=progress, **options)
         except (DataError, CheckpointError) as error:
