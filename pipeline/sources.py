@@ -229,6 +229,16 @@ def youtube_id(name: str) -> str | None:
     return match.group(1) if match else None
 
 
+def open_hdf5(path: str | os.PathLike, error: type[DataError] = DataError):
+    """``path`` opened for reading (an ``h5py.File``); a file HDF5 cannot read is one ``error`` naming it."""
+    import h5py
+
+    try:
+        return h5py.File(path, "r")
+    except OSError as problem:
+        raise error(f"{path}: not a readable HDF5 file ({problem})") from None
+
+
 class HDF5Clips(ClipDataset):
     """Clips from one or several PANNs-layout HDF5 files, read as one, row by row.
 
@@ -239,17 +249,13 @@ class HDF5Clips(ClipDataset):
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike], audio: AudioConfig | None = None) -> None:
-        import h5py
 
         self.paths = [Path(p) for p in paths]
         widths, names, rates, lengths, class_lists, multi = [], [], [], [], [], []
         for path in self.paths:
             if not path.is_file():
                 raise DataError(f"no such file: {path}")
-            try:
-                handle = h5py.File(path, "r")
-            except OSError as error:
-                raise DataError(f"{path}: not a readable HDF5 file ({error})") from None
+            handle = open_hdf5(path)
             with handle:
                 missing = [key for key in ("audio_name", "waveform", "target") if key not in handle]
                 if missing:

@@ -44,7 +44,7 @@ from ..surgery.checkpoint import load
 from .evaluate import autocast
 from .frontend import LogMel
 from .loader import make_loader
-from .sources import ClipDataset, DataError, open_source
+from .sources import ClipDataset, DataError, open_hdf5, open_source
 
 COMMIT_SECONDS = 5.0
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -364,7 +364,6 @@ def read_teacher(path: str | os.PathLike, dataset: ClipDataset) -> Teacher:
     set by name, else a :class:`TeacherError` that says which (a missing clip: how many, and the
     first few names). The logits are memory-mapped (read as batches need them) where the file
     stores them contiguously, as :func:`score_to_file` does."""
-    import h5py
 
     path = Path(path)
     if not path.is_file():
@@ -375,10 +374,7 @@ def read_teacher(path: str | os.PathLike, dataset: ClipDataset) -> Teacher:
             else ""
         )
         raise TeacherError(f"no such teacher file: {path}{hint}")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as error:
-        raise TeacherError(f"{path}: not a readable HDF5 file ({error})") from None
+    handle = open_hdf5(path, TeacherError)
     with handle:
         if "names" not in handle or "logits" not in handle:
             raise TeacherError(f"{path} is not a teacher file (no names or logits): make one with `dclsify logits`")
