@@ -751,9 +751,13 @@ def train_command(
     ),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print one JSON object."),
     blacklist: Path | None = BLACKLIST,
+    seeds: str | None = typer.Option(
+        None, "--seeds", help="Train once per seed (train.seed), e.g. 0,1,2, into OUT/seed-N; summarise the runs."
+    ),
 ) -> None:
     """Train an audio tagger with the paper's recipe (or yours); without --data, on the demo's sound set.
     Knowledge distillation: --set train.teacher=FILE (made by `dclsify logits`), train.kd_weight, kd_temperature."""
+    from dclsify.pipeline.cv import STUDY_FILE, repeat_seeds
     from dclsify.pipeline.demo import plan_or_demo, train_or_demo
     from dclsify.pipeline.recipe import RecipeError, default_values, describe_builtin_recipes
     from dclsify.pipeline.sources import DataError
@@ -782,6 +786,24 @@ def train_command(
             print(json.dumps(plan.as_dict(), indent=2))
         else:
             _print_plan(plan)
+        return
+    if seeds is not None or (resume is not None and (resume / STUDY_FILE).is_file()):
+        if blacklist is not None:
+            fail("--seeds and --blacklist do not go together yet")
+        try:
+            if resume is not None:
+                if seeds or recipe or overrides or data or eval_data or out:
+                    fail("--resume continues the runs as they were recorded: give nothing else")
+                study = repeat_seeds(None, None, None, resume, (), console=console, resume=True, trust_code=trust_code)
+            else:
+                if data is None:
+                    fail("--seeds needs --data and --eval-data")
+                folder = out or Path("runs") / f"seeds-{Path(recipe).stem if recipe else 'default'}"
+                options = dict(overwrite=overwrite, trust_code=trust_code, audio_dir=audio_dir, classes=labels)
+                study = repeat_seeds(recipe, data, eval_data, folder, seeds, overrides, console, **options)
+        except (RecipeError, DataError, TrainError) as error:
+            fail(str(error))
+        _report_study(study)
         return
     options = dict(overwrite=overwrite, trust_code=trust_code, audio_dir=audio_dir, classes=labels, blacklist=blacklist)
     try:
@@ -832,6 +854,76 @@ def _print_plan(plan) -> None:
         console.print(f"\n[bold]\\[{section}][/]", highlight=False)
         for key, value in values.items():
             console.print(f"{key} = {json.dumps(value)}", soft_wrap=True, highlight=False)
+
+
+def _report_study(study) -> None:
+    """The table of a cross-validation (or seeds) study: a row per run, then the mean and standard deviation."""
+    if study.interrupted:
+        console.print(f"stopped: continue with --resume {escape(str(study.folder))}")
+        raise typer.Exit(130)
+    summary = study.summary
+    names = list(summary.mean)
+    table = Table(**COMPACT)
+    folds = any(run.fold is not None for run in summary.runs)
+    for heading in (["fold"] if folds else []) + ["seed", *names]:
+        table.add_column(heading.replace("_", "-"), justify="right")
+    for run in summary.runs:
+        figures = [f"{run.metrics[n]:.4f}" if run.metrics.get(n) is not None else "-" for n in names]
+        table.add_row(*([run.fold] if folds else []), str(run.seed), *figures)
+    lead = [""] if folds else []
+    table.add_section()
+    table.add_row(*lead, "mean", *(f"{summary.mean[n]:.4f}" for n in names))
+    std = [f"{summary.std[n]:.4f}" if summary.std[n] is not None else "-" for n in names]
+    table.add_row(*lead, "std", *std)
+    print_table(table)
+    console.print(
+        f"{len(summary.runs)} runs in {study.seconds / 60:.1f} min; "
+        f"{escape(str(study.folder / 'summary.json'))}, summary.csv"
+    )
+
+
+@app.command("cv")
+def cv_command(
+    recipe: str | None = typer.Option(None, help="A built-in recipe (see train --list-recipes) or a TOML file."),
+    data: str | None = typer.Option(
+        None, help="A dataset with folds (ESC-50, UrbanSound8K), or any data to split into --folds k."
+    ),
+    folds: str = typer.Option(
+        "all", help="Held out in turn: all, some folds (1,2,3), or for data without folds their number k."
+    ),
+    seeds: str = typer.Option("0", help="train.seed of the runs of each fold, e.g. 0,1,2."),
+    fold_seed: int = typer.Option(0, "--fold-seed", min=0, help="Seed of the k stratified folds of --folds k."),
+    out: Path | None = typer.Option(None, "--out", help="The study's folder (default: runs/cv-RECIPE)."),
+    overrides: list[str] = typer.Option([], "--set", help="section.key=value, e.g. train.lr=1e-3 (repeatable)."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue the study in this folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the study already in --out."),
+    trust_code: bool = typer.Option(False, "--trust-code", help="Allow a file: model source to run its Python file."),
+    audio_dir: Path | None = AUDIO_DIR,
+    labels: Path | None = LABELS,
+) -> None:
+    """Cross-validate a recipe: one run per held-out fold (and seed), then the mean +- std of accuracy and mAP.
+    Fine-tuning: --recipe finetune --set model.source=CHECKPOINT.safetensors."""
+    from dclsify.pipeline.cv import cross_validate
+    from dclsify.pipeline.recipe import RecipeError
+    from dclsify.pipeline.sources import DataError
+    from dclsify.pipeline.train import TrainError
+
+    try:
+        if resume is not None:
+            if recipe or data or overrides or out or folds != "all" or seeds != "0":
+                fail("--resume continues the study as it was recorded: give nothing else")
+            study = cross_validate(None, "", resume, console=console, resume=True)
+        else:
+            if data is None:
+                fail("give --data: a dataset with folds, or any data with --folds k")
+            folder = out or Path("runs") / f"cv-{Path(recipe).stem if recipe else 'default'}"
+            options = dict(trust_code=trust_code, audio_dir=audio_dir, classes=labels)
+            study = cross_validate(
+                recipe, data, folder, folds, seeds, overrides, fold_seed, console, overwrite=overwrite, **options
+            )
+    except (RecipeError, DataError, TrainError) as error:
+        fail(str(error))
+    _report_study(study)
 
 
 def _report_run(result) -> None:

@@ -14,6 +14,7 @@ machine and NumPy version: NumPy's sine and exponential may round differently el
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 from collections.abc import Callable
@@ -241,19 +242,25 @@ def _envelope(samples: int, sample_rate: int, percussive: bool) -> np.ndarray:
 
 
 def make_clip(
-    seed: int, split: str, index: int, seconds: float = CLIP_SECONDS, sample_rate: int = SAMPLE_RATE
+    seed: int,
+    split: str,
+    index: int,
+    seconds: float = CLIP_SECONDS,
+    sample_rate: int = SAMPLE_RATE,
+    events: tuple[int, int] = EVENTS_PER_CLIP,
 ) -> tuple[np.ndarray, list[Event]]:
     """Clip ``index`` of ``split`` (``"train"`` or ``"eval"``) for ``seed``: an int16 waveform
     and the events placed in it, exactly as :func:`make_sound_set` writes it.
 
     Its first event is of class ``index % len(SOUND_CLASSES)`` (so every class occurs in every
-    split of at least that many clips, about equally often); the others are of distinct random classes.
+    split of at least that many clips, about equally often); the others are of distinct random
+    classes, ``events`` = (fewest, most) events in all ((1, 1): single-label clips).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     samples = round(seconds * sample_rate)
-    count = int(rng.integers(EVENTS_PER_CLIP[0], EVENTS_PER_CLIP[1] + 1))
+    count = int(rng.integers(events[0], events[1] + 1))
     first = index % len(SOUND_CLASSES)
     others = [c for c in range(len(SOUND_CLASSES)) if c != first]
     labels = [first, *rng.choice(others, count - 1, replace=False).tolist()]
@@ -347,3 +354,48 @@ def make_sound_set(
         _write_split(train_temporary, "train", train_clips, audio, seed, step)
         _write_split(eval_temporary, "eval", eval_clips, audio, seed, step)
     return train_path, eval_path
+
+
+# ESC-50's meta/esc50.csv columns (github.com/karolpiczak/ESC-50, README "Repository content")
+ESC50_COLUMNS = ("filename", "fold", "target", "category", "esc10", "src_file", "take")
+
+
+def make_esc50_layout(
+    folder: str | os.PathLike,
+    clips_per_class: int = 10,
+    folds: int = 5,
+    seconds: float = 5.0,
+    sample_rate: int = 44100,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """The demo's sounds as a single-label set in ESC-50's layout, for downstream work without
+    downloading ESC-50: ``folder/meta/esc50.csv`` and ``folder/audio/{fold}-{src_file}-{take}-{target}.wav``
+    (5-s 44.1-kHz mono WAV files, as ESC-50's are). Each clip holds one event of its class; class ``c``'s
+    clips go round the folds, so every fold holds every class equally often; the first ten classes are
+    marked ``esc10``. Returns ``folder``. Files already there are replaced.
+    """
+    import soundfile
+
+    if clips_per_class < folds or folds < 2:
+        raise ValueError(f"need at least 2 folds and a clip of each class per fold, got {clips_per_class} for {folds}")
+    if sample_rate < MIN_SAMPLE_RATE:
+        raise ValueError(f"the sound set needs a sample rate of at least {MIN_SAMPLE_RATE} Hz, got {sample_rate}")
+    folder = Path(folder)
+    (folder / "meta").mkdir(parents=True, exist_ok=True)
+    (folder / "audio").mkdir(exist_ok=True)
+    rows, total = [], clips_per_class * len(SOUND_CLASSES)
+    for number in range(total):
+        target, take = number % len(SOUND_CLASSES), number // len(SOUND_CLASSES)
+        fold = take % folds + 1
+        clip, _ = make_clip(seed, "train", number, seconds, sample_rate, events=(1, 1))
+        name = f"{fold}-{100000 + number}-A-{target}.wav"
+        soundfile.write(folder / "audio" / name, clip, sample_rate, subtype="PCM_16")
+        rows.append((name, fold, target, CLASS_NAMES[target], target < 10, 100000 + number, "A"))
+        if progress is not None:
+            progress(number + 1, total)
+    with atomic_path(folder / "meta" / "esc50.csv") as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(ESC50_COLUMNS)
+        writer.writerows(rows)
+    return folder

@@ -325,9 +325,7 @@ def _progress(console):
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("lr {task.fields[lr]}"),
-        TextColumn("{task.fields[rate]} clips/s"),
+        TextColumn("{task.fields[status]}"),
         TimeRemainingColumn(),
         console=console or Console(),
     )
@@ -483,6 +481,7 @@ def train(
     audio_dir: str | os.PathLike | None = None,
     classes: str | os.PathLike | None = None,
     blacklist: str | os.PathLike | None = None,
+    progress=None,
 ) -> TrainResult:
     """Train the model ``recipe`` names on ``data`` (any source :func:`~dclsify.pipeline.sources.open_source`
     reads), evaluating on ``eval_data`` every ``train.eval_every`` epochs; results in ``out``.
@@ -496,7 +495,9 @@ def train(
     returns; resume continues exactly. With ``train.teacher`` (a file of
     :func:`~dclsify.pipeline.teacher.score_to_file`) the run distils
     (:func:`~dclsify.pipeline.teacher.distillation_loss`); a training clip missing from that
-    file stops it before anything is built. Returns a :class:`TrainResult`.
+    file stops it before anything is built. ``progress``: a started ``rich.progress.Progress`` to show the
+    run's bars in, beside others (``dclsify cv``'s bar over its runs); by default the run has its own.
+    Returns a :class:`TrainResult`.
     """
     started = time.perf_counter()
     run_dir = Path(out)
@@ -577,6 +578,7 @@ def train(
             stop_after,
             started,
             teacher,
+            progress,
         )
 
 
@@ -623,6 +625,7 @@ def _run(
     stop_after,
     started,
     teacher=None,
+    shared_progress=None,
 ):
 
     t = recipe.train
@@ -691,7 +694,7 @@ def _run(
     failures = FailureLog()
     metrics_path, last_eval, interrupted = run_dir / "metrics.jsonl", None, False
     writer = _tensorboard(run_dir) if rank == 0 else None
-    progress = _progress(console) if rank == 0 else None
+    progress = (shared_progress or _progress(console)) if rank == 0 else None
     for line in (plan.describe(), plan.describe_lr()) if rank == 0 else ():
         if line:
             _say(progress, line)
@@ -769,9 +772,7 @@ def _run(
                     f"epoch {epoch + 1}/{t.epochs}",
                     total=steps_per_epoch,
                     completed=step_in_epoch,
-                    loss="-",
-                    lr="-",
-                    rate="-",
+                    status="",
                 )
                 if progress
                 else None
@@ -870,7 +871,8 @@ def _run(
                             shown = f"{mean_loss:.4f}"
                             if terms:
                                 shown += f" (labels {terms['loss_labels']:.4f}, teacher {terms['loss_teacher']:.4f})"
-                            progress.update(task, loss=shown, lr=f"{current_lr:.2e}", rate=f"{rate:.1f}")
+                            status = f"loss {shown}  lr {current_lr:.2e}  {rate:.1f} clips/s"
+                            progress.update(task, status=status)
                 if progress:
                     progress.update(task, completed=step_in_epoch)
                 if step % t.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
@@ -897,7 +899,7 @@ def _run(
         )
     finally:
         stop.close()
-        if progress:
+        if progress and progress is not shared_progress:
             progress.stop()
         if writer is not None:
             writer.close()
