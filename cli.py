@@ -657,7 +657,8 @@ def data_command(
     labels_per_clip = "several labels a clip" if found.multi_label else "one label a clip"
     title = LAYOUT_TITLES.get(found.layout, found.layout)
     say = functools.partial(console.print, markup=False, highlight=False)
-    say(f"{source}: {title} ({found.layout}), {len(found.classes)} classes, {labels_per_clip}")
+    classes = f"{len(found.classes)} class" + ("" if len(found.classes) == 1 else "es")
+    say(f"{source}: {title} ({found.layout}), {classes}, {labels_per_clip}")
     parts = [(name, counts) for name, counts in (("split", found.splits), ("fold", found.folds)) if counts]
     total = sum(parts[0][1].values()) if parts else found.clips
     say(f"{found.clips:,} clips" + (f" selected, of {total:,}" if total != found.clips else ""))

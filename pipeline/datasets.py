@@ -254,10 +254,8 @@ def _loose_sound_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
 
 
-def detect_layout(root: str | os.PathLike) -> str | None:
-    """The layout of the dataset folder ``root`` (see the module's description), from the files that
-    mark each: None when it matches none."""
-    root = Path(root)
+def _marked_layout(root: Path) -> str | None:
+    """The layout of a public dataset whose own files are in ``root``, else None."""
     if (root / "meta" / "esc50.csv").is_file():
         return "esc50"
     if (root / "metadata" / "UrbanSound8K.csv").is_file():
@@ -266,6 +264,16 @@ def detect_layout(root: str | os.PathLike) -> str | None:
         return "fsd50k"
     if (root / "validation_list.txt").is_file() and (root / "testing_list.txt").is_file():
         return "speech-commands"
+    return None
+
+
+def detect_layout(root: str | os.PathLike) -> str | None:
+    """The layout of the dataset folder ``root`` (see the module's description), from the files that
+    mark each: None when it matches none."""
+    root = Path(root)
+    marked = _marked_layout(root)
+    if marked is not None:
+        return marked
     if any(_holds_sound(folder) for folder in _subfolders(root)):
         return "class-folders"
     return None
@@ -310,6 +318,9 @@ def _ordered_parts(found: Sequence[str], numeric: bool) -> list[str]:
 
 def _read_class_folders(root: Path, audio: AudioConfig | None) -> LayoutClips:
     folders = {folder.name: folder for folder in _subfolders(root)}
+    for folder in folders.values():  # the folder above a dataset is no dataset of one class
+        if (inside := _marked_layout(folder)) is not None:
+            raise DataError(f"{folder} is {LAYOUT_TITLES[inside]}: give that folder, not the one above it ({root})")
     holding = [name for name, folder in folders.items() if _holds_sound(folder)]
     loose = _loose_sound_files(root)
     if loose:

@@ -186,6 +186,9 @@ def test_classes_called_train_and_test_that_hold_their_sounds_are_classes(tmp_pa
     found = describe_data(root)
     assert found.layout == "class-folders" and found.classes == ["test", "train"] and found.splits is None
     assert found.clips == 3
+    write_sound(tmp_path / "no train" / "test" / "a" / "x.wav")  # splits need a train folder
+    write_sound(tmp_path / "no train" / "validation" / "b" / "y.wav")
+    assert describe_data(tmp_path / "no train").classes == ["test", "validation"]
 
 
 def test_esc50_reads_its_folds_and_esc10(esc50):
@@ -399,6 +402,7 @@ def test_errors_of_folders_and_selections(tmp_path, class_folders, speech_comman
         ),
         (str(tmp_path / "loose"), "matches no dataset layout; its 2 sound files lie directly in it"),
         (str(tmp_path / "mixed"), "1 sound files lie directly in it, outside any class folder (such as stray.flac)"),
+        (str(speech_commands.parent), f"{speech_commands} is Speech Commands: give that folder, not the one above it"),
     ]
     for path, message in cases:
         with pytest.raises(DataError) as error:
