@@ -269,8 +269,10 @@ def _marked_layout(root: Path) -> str | None:
 
 def detect_layout(root: str | os.PathLike) -> str | None:
     """The layout of the dataset folder ``root`` (see the module's description), from the files that
-    mark each: None when it matches none."""
+    mark each: None when it matches none (or is no folder)."""
     root = Path(root)
+    if not root.is_dir():
+        return None
     marked = _marked_layout(root)
     if marked is not None:
         return marked

@@ -285,6 +285,7 @@ def test_detect_layout_looks_at_what_is_inside(esc50, urbansound8k, speech_comma
     assert (
         detect_layout(class_folders) == "class-folders" and detect_layout(tmp_path / "f" / "FSD50K.dev_audio") is None
     )
+    assert detect_layout(esc50 / "meta" / "esc50.csv") is None  # a file is no dataset folder
 
 
 # -- selectors and k-fold --------------------------------------------------------------------------
