@@ -599,7 +599,8 @@ def _audio_config(sample_rate: int | None, seconds: float | None):
 
 
 def _open_data(source: str, audio_dir: Path | None, labels: Path | None, audio):
-    from dclsify.pipeline.sources import DataError, open_source
+    from dclsify.pipeline.datasets import open_source
+    from dclsify.pipeline.sources import DataError
 
     try:
         return open_source(source, audio, audio_dir, labels)
@@ -607,6 +608,7 @@ def _open_data(source: str, audio_dir: Path | None, labels: Path | None, audio):
         fail(str(error))
 
 
+DATA_HELP = "HDF5 (a,b or a glob), a segment CSV, a manifest, or a dataset folder (ROOT#fold=1,2)"
 SAMPLE_RATE = typer.Option(
     None, "--sample-rate", min=1, help="Resample clips to this rate (default 32000; packed data: its own)."
 )
@@ -627,9 +629,56 @@ BLACKLIST = typer.Option(
 )
 
 
+CLASSES_SHOWN = 60  # of a longer class list (AudioSet's 527), `dclsify data` prints the first ones
+
+
+@app.command("data")
+def data_command(
+    source: str = typer.Argument(
+        ..., help=f"The data: {DATA_HELP}; after #: split=train, fold=1,2, subset=esc10, kfold=5 (& between keys)."
+    ),
+    audio_dir: Path | None = AUDIO_DIR,
+    labels: Path | None = LABELS,
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object: layout, classes, multi_label, clips, and splits or folds."
+    ),
+) -> None:
+    """What a --data path holds: its layout, its classes and the clips of each split or fold (nothing is decoded)."""
+    from dclsify.pipeline.datasets import LAYOUT_TITLES, describe_data
+    from dclsify.pipeline.sources import DataError
+
+    try:
+        found = describe_data(source, audio_dir, labels)
+    except DataError as error:
+        fail(str(error))
+    if as_json:
+        typer.echo(json.dumps(found.as_dict(), indent=2))
+        return
+    labels_per_clip = "several labels a clip" if found.multi_label else "one label a clip"
+    title = LAYOUT_TITLES.get(found.layout, found.layout)
+    say = functools.partial(console.print, markup=False, highlight=False)
+    classes = f"{len(found.classes)} class" + ("" if len(found.classes) == 1 else "es")
+    say(f"{source}: {title} ({found.layout}), {classes}, {labels_per_clip}")
+    parts = [(name, counts) for name, counts in (("split", found.splits), ("fold", found.folds)) if counts]
+    total = sum(parts[0][1].values()) if parts else found.clips
+    say(f"{found.clips:,} clips" + (f" selected, of {total:,}" if total != found.clips else ""))
+    for name, counts in parts:
+        table = Table(**COMPACT)
+        table.add_column(name, no_wrap=True)
+        table.add_column("clips", justify="right", no_wrap=True)
+        for part, clips in counts.items():
+            table.add_row(escape(part), f"{clips:,}")
+        print_table(table)
+    more = len(found.classes) - CLASSES_SHOWN
+    shown = ", ".join(found.classes[:CLASSES_SHOWN]) + (f", ... and {more} more (--json lists all)" if more > 0 else "")
+    say(f"classes: {shown}")
+
+
 @app.command("pack")
 def pack_command(
-    source: str = typer.Argument(..., help="An AudioSet segment CSV, or a manifest (.csv with path,labels or .jsonl)."),
+    source: str = typer.Argument(
+        ..., help="A segment CSV, a manifest (.csv with path,labels or .jsonl), or a dataset folder (ROOT#fold=1,2)."
+    ),
     output: Path = typer.Option(..., "-o", "--output", help="The HDF5 file to write."),
     audio_dir: Path | None = AUDIO_DIR,
     labels: Path | None = LABELS,
@@ -638,7 +687,7 @@ def pack_command(
     workers: int | None = typer.Option(None, min=0, help="Decoding processes (default: one per core)."),
     blacklist: Path | None = BLACKLIST,
 ) -> None:
-    """Decode a segment CSV + folder, or a manifest, into one HDF5 file (PANNs layout). Resumable."""
+    """Decode a segment CSV + folder, a manifest or a dataset folder into one HDF5 file (PANNs layout). Resumable."""
 
     from dclsify.pipeline.pack import pack
     from dclsify.pipeline.sources import DataError
@@ -675,7 +724,7 @@ def pack_command(
 
 @app.command("show")
 def show_command(
-    source: str = typer.Argument(..., help="An HDF5 file, a segment CSV or a manifest."),
+    source: str = typer.Argument(..., help=f"The data: {DATA_HELP}."),
     index: int = typer.Option(0, "--index", min=0, help="Which clip."),
     output: Path = typer.Option(Path("spec.png"), "-o", "--output", help="The PNG to write."),
     audio_dir: Path | None = AUDIO_DIR,
@@ -700,7 +749,7 @@ def show_command(
 
 @app.command("bench-data")
 def bench_data_command(
-    path: str = typer.Argument(..., help="An HDF5 file (or several: a,b or a glob) to read."),
+    path: str = typer.Argument(..., help=f"The data to read: {DATA_HELP}."),
     batch: int = typer.Option(32, min=1),
     workers: int | None = typer.Option(None, min=0, help="DataLoader workers (default: one per core, at most 8)."),
     device: str = typer.Option("cpu", help="Where the front-end and augmentation run: cpu, cuda, cuda:1, ..."),
@@ -732,8 +781,10 @@ def bench_data_command(
 @app.command("train")
 def train_command(
     recipe: str | None = typer.Option(None, help="A built-in recipe (see --list-recipes) or a TOML file."),
-    data: str | None = typer.Option(None, help="Training data: HDF5 (a,b or a glob), a segment CSV or a manifest."),
-    eval_data: str | None = typer.Option(None, "--eval-data", help="Evaluation data, of the same classes."),
+    data: str | None = typer.Option(None, help=f"Training data: {DATA_HELP}."),
+    eval_data: str | None = typer.Option(
+        None, "--eval-data", help="Evaluation data, of the same classes, as --data takes it (ROOT#fold=5)."
+    ),
     audio_dir: Path | None = AUDIO_DIR,
     labels: Path | None = LABELS,
     out: Path | None = typer.Option(None, "--out", help="Run directory (default: runs/RECIPE)."),
@@ -943,7 +994,7 @@ def _report_run(result) -> None:
 @app.command("eval")
 def eval_command(
     checkpoint: Path = typer.Argument(..., help="A dclsify checkpoint (e.g. a run's best.safetensors)."),
-    data: str = typer.Option(..., help="Evaluation data: HDF5, a segment CSV or a manifest, of the model's classes."),
+    data: str = typer.Option(..., help=f"Evaluation data, of the model's classes: {DATA_HELP}."),
     audio_dir: Path | None = AUDIO_DIR,
     labels: Path | None = LABELS,
     json_output: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
@@ -1189,8 +1240,7 @@ def logits_command(
     ),
     data: str = typer.Option(
         ...,
-        help="The training data to score, as `dclsify train --data` takes it: HDF5 (a,b or a glob), a segment "
-        "CSV or a manifest.",
+        help=f"The training data to score, as `dclsify train --data` takes it: {DATA_HELP}.",
     ),
     output: Path = typer.Option(..., "-o", "--output", help="The HDF5 file to write, for train.teacher=FILE."),
     audio_dir: Path | None = AUDIO_DIR,

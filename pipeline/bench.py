@@ -26,11 +26,11 @@ from ..surgery.diff import count_parameters
 from ..surgery.rewrite import SurgeryError, rewrite
 from . import train  # its functions looked up when called: the benchmark steps as the trainer steps
 from .augment import Augment
+from .datasets import open_source
 from .evaluate import autocast
 from .frontend import AudioConfig, LogMel
 from .loader import make_loader
 from .recipe import TrainRecipe
-from .sources import open_source
 
 
 @dataclass

@@ -21,9 +21,10 @@ import torch.distributed as dist
 from ..surgery.audio import AudioConfig
 from ..surgery.checkpoint import load
 from ..surgery.files import atomic_path
+from .datasets import open_source
 from .frontend import LogMel
 from .loader import make_loader
-from .sources import BlacklistReport, DataError, numbered_classes, open_source
+from .sources import BlacklistReport, DataError, numbered_classes
 
 
 @dataclass
@@ -212,8 +213,8 @@ def evaluate(
     per_class: str | os.PathLike | None = None,
     blacklist: str | os.PathLike | None = None,
 ) -> Metrics:
-    """Metrics of a dclsify checkpoint on ``data`` (any source ``open_source`` reads), heard as
-    the model was trained: the clip format, the log-mel settings and sigmoid or softmax scores
+    """Metrics of a dclsify checkpoint on ``data`` (any source :func:`~dclsify.pipeline.datasets.open_source`
+    reads), heard as the model was trained: the clip format, the log-mel settings and sigmoid or softmax scores
     come from the checkpoint. Clips that cannot be read are left out and listed in
     ``Metrics.unreadable``; ``audio_dir`` and ``classes`` are ``open_source``'s. ``per_class``,
     when given, is a CSV file to write each class's AP to (:func:`write_per_class_csv`). ``blacklist``:

@@ -26,15 +26,16 @@ import numpy as np
 
 from .._version import __version__
 from ..surgery.files import atomic_path
+from .datasets import open_source
 from .frontend import AudioConfig
 from .sources import (
     BlacklistReport,
     ClipDataset,
     ClipError,
+    ClipSubset,
     DataError,
     LabelledFiles,
     decode,
-    open_source,
     read_blacklist,
     skip_blacklisted,
 )
@@ -159,8 +160,9 @@ def pack(
     progress: Callable[[int, int], None] | None = None,
     blacklist: str | os.PathLike | None = None,
 ) -> PackReport:
-    """Decode every clip of ``source`` (an AudioSet segment CSV with ``audio_dir``, or a
-    manifest with an optional class list ``classes``; see :func:`~dclsify.pipeline.sources.open_source`)
+    """Decode every clip of ``source`` (an AudioSet segment CSV with ``audio_dir``, a manifest with an
+    optional class list ``classes``, or a dataset folder, selector and all; see
+    :func:`~dclsify.pipeline.datasets.open_source`)
     into ``output``, an HDF5 file of int16 clips of ``audio.samples`` at ``audio.sample_rate``.
 
     ``blacklist``: a file of clip ids (:func:`~dclsify.pipeline.sources.read_blacklist`) whose clips
@@ -174,8 +176,9 @@ def pack(
     audio = audio or AudioConfig()
     output = Path(output)
     dataset = open_source(source, audio, audio_dir, classes)
-    if not isinstance(dataset, LabelledFiles):
-        raise DataError(f"{source} is packed already: pack reads a segment CSV or a manifest")
+    whole = dataset.dataset if isinstance(dataset, ClipSubset) else dataset  # a selection (ROOT#fold=5) of what?
+    if not isinstance(whole, LabelledFiles):
+        raise DataError(f"{source} is packed already: pack reads a segment CSV, a manifest or a dataset folder")
     if blacklist is not None:
         dataset = skip_blacklisted(dataset, read_blacklist(blacklist))
     try:

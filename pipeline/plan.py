@@ -11,9 +11,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .datasets import open_source
 from .loader import make_loader
 from .recipe import BatchPlan, Recipe, as_recipe, plan_batch
-from .sources import audioset_classes, open_source
+from .sources import audioset_classes
 from .train import TrainError, build_model, epoch_steps
 
 

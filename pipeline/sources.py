@@ -7,7 +7,9 @@ Three sources, one interface (:class:`ClipDataset`):
 - :class:`SegmentClips`: an AudioSet segment CSV and a folder of clips named by YouTube id;
 - :class:`ManifestClips`: a CSV or JSONL manifest of the user's own files and labels.
 
-:func:`open_source` picks the right one from a path. Unpacked sources decode on the fly:
+:func:`open_source` picks the right one from a file's path; the commands, and any caller that may be
+given a dataset folder or a ``#`` selector (``ESC-50#fold=5``), use
+:func:`dclsify.pipeline.datasets.open_source`, which reads those and these. Unpacked sources decode on the fly:
 any format libsndfile reads (wav, flac, ogg, mp3, ...), any rate and channel count, mixed
 to mono, resampled to the run's rate and padded or cut to its clip length. A clip that
 cannot be used is replaced by another, and the batch says which and why (see
@@ -545,7 +547,8 @@ def open_source(
     classes: str | os.PathLike | None = None,
     blacklist: str | os.PathLike | Blacklist | None = None,
 ) -> ClipDataset:
-    """The dataset a path names, whatever its kind:
+    """The dataset a file's path names, whatever its kind (dataset folders and ``#`` selectors are
+    :func:`dclsify.pipeline.datasets.open_source`'s, which reads these too):
 
     - ``.h5``/``.hdf5`` files (several: a list, ``a.h5,b.h5`` or a glob such as
       ``unbalanced_train_part*.h5``): :class:`HDF5Clips`;
@@ -575,7 +578,7 @@ def _open_kind(path, audio, audio_dir, classes) -> ClipDataset:
         raise DataError(f"several files are read together only when all are HDF5: {', '.join(map(str, paths))}")
     source = paths[0]
     if source.is_dir():
-        raise DataError(f"{source} is a folder: give an HDF5 file, an AudioSet segment CSV or a manifest")
+        raise DataError(f"{source} is a folder: dclsify.pipeline.datasets.open_source reads dataset folders")
     if source.suffix.lower() == ".jsonl":
         return ManifestClips(source, classes, audio)
     if source.suffix.lower() == ".csv":

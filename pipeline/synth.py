@@ -322,7 +322,7 @@ def make_sound_set(
     ``waveform`` int16 clips x samples, ``target`` bool clips x 14, and the attributes
     ``sample_rate``, ``clip_seconds``, ``class_names``, ``multi_label`` True,
     ``dclsify_version``, plus ``synth_seed``) and open with
-    :func:`~dclsify.pipeline.sources.open_source`. The classes are :data:`CLASS_NAMES`
+    :func:`~dclsify.pipeline.datasets.open_source`. The classes are :data:`CLASS_NAMES`
     (see :func:`class_descriptions`); chance mAP is about the mean share of clips holding
     a class, 2/14. ``progress(done, total)`` is called after each clip.
 

@@ -41,10 +41,11 @@ from torch import Tensor
 from .._version import __version__
 from ..surgery.audio import AudioConfig
 from ..surgery.checkpoint import load
+from .datasets import open_source
 from .evaluate import autocast
 from .frontend import LogMel
 from .loader import make_loader
-from .sources import ClipDataset, DataError, open_hdf5, open_source
+from .sources import ClipDataset, DataError, open_hdf5
 
 COMMIT_SECONDS = 5.0
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -237,7 +238,7 @@ def score_to_file(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> LogitsReport:
-    """Score every clip of ``data`` (any source :func:`~dclsify.pipeline.sources.open_source` reads,
+    """Score every clip of ``data`` (any source :func:`~dclsify.pipeline.datasets.open_source` reads,
     as ``dclsify train --data`` takes it) with the mean logits of ``checkpoints`` into ``output``,
     an HDF5 file keyed by clip name (the module's docstring describes it), for ``train.teacher``.
 

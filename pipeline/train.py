@@ -43,11 +43,12 @@ from ..surgery.dcls import Dcls2d
 from ..surgery.files import atomic_path
 from ..surgery.rewrite import SurgeryError, reset_head, stem_geometry
 from .augment import Augment
+from .datasets import open_source
 from .evaluate import autocast, metrics, score_clips
 from .frontend import LogMel
 from .loader import FailureLog, make_loader
 from .recipe import BatchPlan, Recipe, RecipeError, TrainRecipe, as_recipe, plan_batch, recipe_from_dict
-from .sources import ClipDataset, open_source, read_blacklist
+from .sources import ClipDataset, read_blacklist
 from .teacher import distillation_loss, read_teacher, teacher_targets
 
 RUN_FILES = (
@@ -483,7 +484,7 @@ def train(
     blacklist: str | os.PathLike | None = None,
     progress=None,
 ) -> TrainResult:
-    """Train the model ``recipe`` names on ``data`` (any source :func:`~dclsify.pipeline.sources.open_source`
+    """Train the model ``recipe`` names on ``data`` (any source :func:`~dclsify.pipeline.datasets.open_source`
     reads), evaluating on ``eval_data`` every ``train.eval_every`` epochs; results in ``out``.
 
     ``audio_dir`` and ``classes`` are ``open_source``'s: the folder of a segment CSV's clips,
@@ -514,7 +515,7 @@ def train(
     else:
         recipe = as_recipe(recipe)
         if data is None:
-            raise TrainError("no training data: give --data (an HDF5 file, a segment CSV or a manifest)")
+            raise TrainError("no training data: give --data (HDF5, a segment CSV, a manifest or a dataset folder)")
     skip = read_blacklist(blacklist) if blacklist is not None else None
     if resume and skip is not None and skip.digest != recorded["blacklist"]["sha256"]:
         raise TrainError(
