@@ -26,10 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from ..surgery.files import atomic_path
-from .datasets import describe_data, split_selector
+from .datasets import describe_data, open_source, parse_selector, split_selector
 from .plan import plan_run
 from .recipe import load_recipe
-from .sources import open_source
 from .train import TrainError, TrainResult, train
 
 STUDY_FILE = "study.json"
@@ -198,18 +197,19 @@ def parse_seeds(text: str | Sequence[int]) -> list[int]:
     return seeds
 
 
-def fold_plan(data: str, folds: str = "all", fold_seed: int = 0) -> tuple[str, list[str]]:
+def fold_plan(data: str, folds: str = "all", fold_seed: int = 0, **where) -> tuple[str, list[str]]:
     """Where the folds of ``data`` come from, and which are held out in turn.
 
     A dataset that comes with folds (ESC-50: 5, UrbanSound8K: 10) uses them: ``folds`` is ``all`` or a
     list of its fold names (``1,2,3``). For other data (a folder of class folders, a manifest, an HDF5
     file, a split such as ``ROOT#split=train``), ``folds`` is their number k: k stratified folds are made
     from ``fold_seed`` (the ``kfold`` selector). Returns the data with that selector and the held-out folds.
+    ``where``: ``audio_dir`` and ``classes``, as :func:`~dclsify.pipeline.datasets.open_source` takes them.
     """
-    path, selector = split_selector(data)
+    path, selector = _selector_of(data)
     if "fold" in selector or "kfold" in selector:
         raise TrainError(f"{data}: give the dataset without a fold selector; --folds chooses the folds")
-    layout = describe_data(data)
+    layout = describe_data(data, **where)
     if layout.folds:
         names = list(layout.folds)
         if folds == "all":
@@ -239,13 +239,22 @@ def fold_plan(data: str, folds: str = "all", fold_seed: int = 0) -> tuple[str, l
     return made, [str(k) for k in range(1, count + 1)]
 
 
+def _selector_of(data: str) -> tuple[str, dict[str, str]]:
+    """``ROOT#split=train&kfold=5`` -> (``ROOT``, {"split": "train", "kfold": "5"}), checked."""
+    path, text = split_selector(data)
+    if text is None:
+        return path, {}
+    parse_selector(text, data)  # a selector that is wrong fails here, with the datasets' message
+    return path, dict(part.partition("=")[::2] for part in text.split("&"))
+
+
 def _with_selector(path: str, selector: dict[str, str]) -> str:
     return path + ("#" + "&".join(f"{k}={v}" for k, v in selector.items()) if selector else "")
 
 
-def _fold_trials(data: str, held_out: list[str], seeds: list[int]) -> list[Trial]:
-    path, selector = split_selector(data)
-    every = list(describe_data(data).folds)
+def _fold_trials(data: str, held_out: list[str], seeds: list[int], **where) -> list[Trial]:
+    path, selector = _selector_of(data)
+    every = list(describe_data(data, **where).folds)
     trials = []
     for fold in held_out:
         rest = ",".join(f for f in every if f != fold)
@@ -301,9 +310,9 @@ def cross_validate(
     out = Path(out)
     if resume:
         return _continue(out, console, stop_after)
-    base, held_out = fold_plan(data, folds, fold_seed)
-    seeds = parse_seeds(seeds)
-    trials = _fold_trials(base, held_out, seeds)
+    where = {key: options.get(key) for key in ("audio_dir", "classes")}
+    base, held_out = fold_plan(data, folds, fold_seed, **where)
+    trials = _fold_trials(base, held_out, parse_seeds(seeds), **where)
     return _start(recipe, list(overrides), trials, out, overwrite, options, console, stop_after)
 
 

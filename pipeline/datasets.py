@@ -45,10 +45,10 @@ from .sources import (
     LabelledFiles,
     ManifestClips,
     SegmentClips,
+    open_file_source,
     read_blacklist,
     skip_blacklisted,
 )
-from .sources import open_source as open_file_source
 
 SELECTOR_KEYS = ("split", "fold", "subset", "kfold", "kfold_seed")
 # The folders that make ROOT/<split>/<class> a split layout, in the order splits are listed.
@@ -568,7 +568,7 @@ def open_source(
 ) -> ClipDataset:
     """The dataset a path names, whatever its kind: HDF5 (``a.h5,b.h5`` or a glob), an AudioSet segment
     CSV (clips in ``audio_dir``), a manifest (class list ``classes``), all as
-    :func:`dclsify.pipeline.sources.open_source` reads them, or a dataset folder read by its layout
+    :func:`dclsify.pipeline.sources.open_file_source` reads them, or a dataset folder read by its layout
     (:func:`open_folder`). A selector after ``#`` picks clips (:func:`parse_selector`): ``ROOT#fold=1,2,3,4``,
     ``ROOT#split=train``, ``ROOT#subset=esc10&fold=5``, ``data.h5#kfold=5&fold=1``; the selection is a
     :class:`~dclsify.pipeline.sources.ClipSubset` with the whole dataset's class list.

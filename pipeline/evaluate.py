@@ -81,7 +81,7 @@ def metrics(scores, targets, multi_label: bool = True, class_names: list[str] | 
       and negative clips (AUC is undefined otherwise).
     - ``d_prime``: ``sqrt(2) * mean over those classes of scipy.stats.norm.ppf(AUC_c)``, as the
       paper's code computes it (the mean of the per-class d-primes, not the d-prime of
-      ``mAUC``). A class with AUC exactly 1 (or 0) makes it +inf (or -inf).
+      ``mAUC``). A class with AUC exactly 1 (or 0) makes it +inf (or -inf); both kinds, nan.
     - ``accuracy``: with ``multi_label=False``, the fraction of clips whose highest score is
       their one true class (each row of ``targets`` must hold exactly one True); else None.
 
@@ -126,10 +126,13 @@ def metrics(scores, targets, multi_label: bool = True, class_names: list[str] | 
     def mean(values: np.ndarray) -> float:
         return float(values.mean()) if len(values) else math.nan
 
+    with np.errstate(invalid="ignore"):  # AUCs of 1 and 0 together: +inf and -inf make nan, said above
+        d_prime_mean = mean(norm.ppf(auc))
+
     return Metrics(
         mAP=mean(ap[with_positives]),
         mAUC=mean(auc),
-        d_prime=math.sqrt(2) * mean(norm.ppf(auc)),
+        d_prime=math.sqrt(2) * d_prime_mean,
         accuracy=accuracy,
         clips=clips,
         classes=classes,

@@ -7,7 +7,7 @@ Three sources, one interface (:class:`ClipDataset`):
 - :class:`SegmentClips`: an AudioSet segment CSV and a folder of clips named by YouTube id;
 - :class:`ManifestClips`: a CSV or JSONL manifest of the user's own files and labels.
 
-:func:`open_source` picks the right one from a file's path; the commands, and any caller that may be
+:func:`open_file_source` picks the right one from a file's path; the commands, and any caller that may be
 given a dataset folder or a ``#`` selector (``ESC-50#fold=5``), use
 :func:`dclsify.pipeline.datasets.open_source`, which reads those and these. Unpacked sources decode on the fly:
 any format libsndfile reads (wav, flac, ogg, mp3, ...), any rate and channel count, mixed
@@ -540,15 +540,14 @@ def _expand(path: str | os.PathLike | Sequence) -> list[Path]:
     return [Path(text)]
 
 
-def open_source(
+def open_file_source(
     path: str | os.PathLike | Sequence[str | os.PathLike],
     audio: AudioConfig | None = None,
     audio_dir: str | os.PathLike | None = None,
     classes: str | os.PathLike | None = None,
-    blacklist: str | os.PathLike | Blacklist | None = None,
 ) -> ClipDataset:
-    """The dataset a file's path names, whatever its kind (dataset folders and ``#`` selectors are
-    :func:`dclsify.pipeline.datasets.open_source`'s, which reads these too):
+    """The dataset a file's path names, whatever its kind (dataset folders, ``#`` selectors and black
+    lists are :func:`dclsify.pipeline.datasets.open_source`'s, which reads these files too):
 
     - ``.h5``/``.hdf5`` files (several: a list, ``a.h5,b.h5`` or a glob such as
       ``unbalanced_train_part*.h5``): :class:`HDF5Clips`;
@@ -556,17 +555,7 @@ def open_source(
       ``audio_dir`` (default: the CSV's folder): :class:`SegmentClips`;
     - a CSV with a ``path`` column or a ``.jsonl`` file: a manifest, with the class list
       ``classes`` (a file, or ``"audioset"``; default: from the manifest): :class:`ManifestClips`.
-
-    With a ``blacklist`` (a file :func:`read_blacklist` reads, or what it returned), the clips it
-    names are left out of any of them: a :class:`ClipSubset` (:func:`skip_blacklisted`).
     """
-    dataset = _open_kind(path, audio, audio_dir, classes)
-    if blacklist is None:
-        return dataset
-    return skip_blacklisted(dataset, blacklist if isinstance(blacklist, Blacklist) else read_blacklist(blacklist))
-
-
-def _open_kind(path, audio, audio_dir, classes) -> ClipDataset:
     paths = _expand(path)
     for p in paths:
         if not p.exists():

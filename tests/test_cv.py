@@ -10,16 +10,15 @@ import numpy as np
 import pytest
 import soundfile
 from rich.console import Console
+from test_train import TINY
 from typer.testing import CliRunner
 
 from dclsify import cli
 from dclsify.cli import app
 from dclsify.pipeline.cv import StudyRun, cross_validate, last_evaluation, repeat_seeds, summarize, write_summary
-from dclsify.pipeline.sources import open_source
+from dclsify.pipeline.datasets import open_source
 from dclsify.pipeline.synth import CLASS_NAMES, make_esc50_layout
 from dclsify.pipeline.train import TrainError
-
-from .test_train import TINY
 
 runner = CliRunner()
 RATE = 8000
@@ -131,7 +130,10 @@ def test_summarize_exact_numbers():
 
 
 def test_write_summary_files(tmp_path):
-    runs = [StudyRun(None, s, tmp_path / f"seed-{s}", {"mAP": m, "mAUC": 0.5, "d_prime": 0.0}) for s, m in ((0, 0.25), (1, 0.75))]
+    runs = [
+        StudyRun(None, s, tmp_path / f"seed-{s}", {"mAP": m, "mAUC": 0.5, "d_prime": 0.0})
+        for s, m in ((0, 0.25), (1, 0.75))
+    ]
     json_path, csv_path = write_summary(tmp_path, summarize(runs, multi_label=True))
     assert json.loads(json_path.read_text())["mean"] == {"mAP": 0.5, "mAUC": 0.5, "d_prime": 0.0}
     assert csv_path.read_text().splitlines() == [
@@ -167,8 +169,13 @@ def test_k_stratified_folds_for_data_without_folds(tmp_path):
 def test_repeat_seeds_summarises_one_run_per_seed(tmp_path, esc50):
     data, eval_data = f"{esc50}#fold=1,2,3,4", f"{esc50}#fold=5"
     result = repeat_seeds(None, data, eval_data, tmp_path / "seeds", "0,1", QUICK)
-    assert [(run.fold, run.seed, run.dir.name) for run in result.summary.runs] == [(None, 0, "seed-0"), (None, 1, "seed-1")]
-    seeds = [json.loads((run.dir / "config.json").read_text())["recipe"]["train"]["seed"] for run in result.summary.runs]
+    assert [(run.fold, run.seed, run.dir.name) for run in result.summary.runs] == [
+        (None, 0, "seed-0"),
+        (None, 1, "seed-1"),
+    ]
+    seeds = [
+        json.loads((run.dir / "config.json").read_text())["recipe"]["train"]["seed"] for run in result.summary.runs
+    ]
     assert seeds == [0, 1]
     first, second = (run.metrics for run in result.summary.runs)
     assert first != second  # another seed, another run

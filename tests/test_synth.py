@@ -4,7 +4,8 @@ import h5py
 import numpy as np
 import pytest
 
-from dclsify.pipeline.sources import HDF5Clips, open_source
+from dclsify.pipeline.datasets import open_source
+from dclsify.pipeline.sources import HDF5Clips
 from dclsify.pipeline.synth import CLASS_NAMES, SOUND_CLASSES, class_descriptions, make_clip, make_sound_set
 
 CLASSES = len(CLASS_NAMES)

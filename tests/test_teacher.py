@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from dclsify import cli, load, save
 from dclsify.cli import app
 from dclsify.pipeline.augment import Augment, AugmentConfig
+from dclsify.pipeline.datasets import open_source
 from dclsify.pipeline.frontend import LogMel
 from dclsify.pipeline.recipe import load_recipe
-from dclsify.pipeline.sources import open_source
 from dclsify.pipeline.teacher import TeacherError, distillation_loss, read_teacher, score_to_file, teacher_targets
 from dclsify.pipeline.train import build_model, train
 

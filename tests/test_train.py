@@ -355,9 +355,9 @@ def test_train_and_eval_commands(sets, tmp_path):
     assert evaluation.exit_code == 0, evaluation.output
     reported = json.loads(evaluation.output)
     # the same number scikit-learn gives on the model's scores
+    from dclsify.pipeline.datasets import open_source
     from dclsify.pipeline.frontend import LogMel
     from dclsify.pipeline.loader import make_loader
-    from dclsify.pipeline.sources import open_source
     from dclsify.pipeline.train import score_clips
 
     model = load(run / "best.safetensors")
