@@ -224,3 +224,18 @@ def test_cli_cv_prints_the_table(study, esc50, tmp_path):
     mean = next(line for line in lines if line.split()[:1] == ["mean"])
     assert mean.split()[1:3] == [f"{study.summary.mean['accuracy']:.4f}", f"{study.summary.mean['mAP']:.4f}"]
     assert any(line.startswith("fold 1, seed 0: accuracy") for line in lines)
+
+
+def test_cli_train_seeds_then_resume_prints_the_same_table(esc50, tmp_path):
+    out = tmp_path / "seeds"
+    args = ["train", "--data", f"{esc50}#fold=1,2,3,4", "--eval-data", f"{esc50}#fold=5", "--out", str(out)]
+    first = runner.invoke(app, [*args, "--seeds", "3", *(f"--set={o}" for o in QUICK)])
+    assert first.exit_code == 0, first.output
+    table = first.output[first.output.index("seed  accuracy") :].splitlines()[:-1]
+    assert table[2].split()[0] == "3" and [line.split()[0] for line in table[-2:]] == ["mean", "std"]
+    assert table[-1].split()[1:3] == ["-", "-"]  # one run: no standard deviation
+    again = runner.invoke(app, ["train", "--resume", str(out)])  # every run ended: the same summary
+    assert again.exit_code == 0, again.output
+    assert again.output[again.output.index("seed  accuracy") :].splitlines()[:-1] == table
+    refused = runner.invoke(app, [*args, "--seeds", "0,0"])
+    assert refused.exit_code == 1 and "--seeds takes distinct non-negative integers" in refused.output
