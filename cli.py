@@ -807,7 +807,8 @@ def train_command(
     ),
 ) -> None:
     """Train an audio tagger with the paper's recipe (or yours); without --data, on the demo's sound set.
-    Knowledge distillation: --set train.teacher=FILE (made by `dclsify logits`), train.kd_weight, kd_temperature."""
+    Knowledge distillation: --set train.teacher=FILE (made by `dclsify logits`), train.kd_weight, kd_temperature.
+    Fine-tuning: --recipe finetune (or linear_probe) --set model.source=CHECKPOINT.safetensors."""
     from dclsify.pipeline.cv import STUDY_FILE, repeat_seeds
     from dclsify.pipeline.demo import plan_or_demo, train_or_demo
     from dclsify.pipeline.recipe import RecipeError, default_values, describe_builtin_recipes
@@ -899,6 +900,8 @@ def _print_plan(plan) -> None:
             f"checkpoints/step_*.pt every {t.checkpoint_every} steps and each epoch, the last {t.keep} kept",
         ),
     ]
+    if plan.fine_tuning is not None:
+        lines.insert(1, ("source", plan.fine_tuning.describe()))
     for name, text in lines:
         console.print(f"[bold]{name:8}[/]{escape(text)}", soft_wrap=True, highlight=False)
     for section, values in plan.recipe.as_dict().items():

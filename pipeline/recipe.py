@@ -79,6 +79,9 @@ class TrainRecipe:
     kd_temperature: float = 1.0  # the teacher's targets: sigmoid (softmax) of its logits / kd_temperature
     sampler: str = "uniform"  # uniform (permutations, without replacement) or balanced (rare labels more often)
     epoch_clips: int = 0  # clips an epoch, all processes together; 0: as many as the training data has
+    # fine-tuning: each stage learns at lr x layer_decay^depth, depth 0 the head (and all after the last stage),
+    # 1 the last stage, ..., the stem the deepest; 1: one rate for all
+    layer_decay: float = 1.0
 
 
 SECTIONS = {"model": ModelRecipe, "train": TrainRecipe, "audio": AudioConfig, "augment": AugmentConfig}
@@ -86,10 +89,16 @@ SECTIONS = {"model": ModelRecipe, "train": TrainRecipe, "audio": AudioConfig, "a
 
 @dataclass(frozen=True)
 class Recipe:
+    """A run's configuration. ``given`` holds the keys (``section.key``) that a recipe file, a
+    config.json or an override set, as opposed to defaults: where a run starts from a checkpoint,
+    the checkpoint's own settings stand for the rest (:func:`~dclsify.pipeline.train.resolve_recipe`).
+    It is not part of the recipe's value (equality, :meth:`as_dict`)."""
+
     model: ModelRecipe = field(default_factory=ModelRecipe)
     train: TrainRecipe = field(default_factory=TrainRecipe)
     audio: AudioConfig = field(default_factory=AudioConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def as_dict(self) -> dict:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
@@ -139,8 +148,8 @@ def _check_type(key: str, value, default):
 
 
 def _apply(recipe: Recipe, values: dict, where: str) -> Recipe:
-    """``recipe`` with the sections of ``values`` (nested: {"train": {"lr": ...}}) put in."""
-    sections = {}
+    """``recipe`` with the sections of ``values`` (nested: {"train": {"lr": ...}}) put in, and their keys given."""
+    sections, given = {}, set(recipe.given)
     for section, entries in values.items():
         if section not in SECTIONS:
             raise (
@@ -157,11 +166,12 @@ def _apply(recipe: Recipe, values: dict, where: str) -> Recipe:
             if key not in defaults:
                 raise _unknown(f"{section}.{key}")
             changes[key] = _check_type(f"{section}.{key}", value, defaults[key])
+            given.add(f"{section}.{key}")
         try:
             sections[section] = dataclasses.replace(current, **changes)
         except (ValueError, TypeError) as error:
             raise RecipeError(f"{where}: {error}") from None
-    return dataclasses.replace(recipe, **sections)
+    return dataclasses.replace(recipe, **sections, given=frozenset(given))
 
 
 def _check(recipe: Recipe) -> Recipe:
@@ -192,6 +202,7 @@ def _check(recipe: Recipe) -> Recipe:
         (0 <= m.drop_path < 1, "model.drop_path must be in [0, 1)"),
         (0 <= t.kd_weight <= 1, "train.kd_weight must be in [0, 1]"),
         (t.kd_temperature > 0, "train.kd_temperature must be > 0"),
+        (0 < t.layer_decay <= 1, "train.layer_decay must be in (0, 1] (1: no decay)"),
     ]
     for ok, message in problems:
         if not ok:

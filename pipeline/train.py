@@ -4,7 +4,7 @@
 and runs the paper's recipe; the loop itself is :func:`_run`, on one screen. A run
 directory holds everything a run makes::
 
-    config.json          the resolved recipe, the data and the class names
+    config.json          the resolved recipe, the data, the class names, what a fine-tuning run kept
     metrics.jsonl        a line every log_every steps and one per evaluation
     curves.png           loss, learning rate and mAP
     checkpoints/         step_NNNNNNN.pt: all a resume needs (the last `keep`, and the best)
@@ -18,6 +18,7 @@ every random state and the position in the epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +39,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..surgery.checkpoint import CheckpointError, convert, load, read_metadata, require_trust, save
+from ..surgery.checkpoint import AUDIO_KEY, CheckpointError, convert, load, read_metadata, require_trust, save
 from ..surgery.dcls import Dcls2d
 from ..surgery.files import atomic_path
-from ..surgery.rewrite import SurgeryError, reset_head, stem_geometry
+from ..surgery.rewrite import SurgeryError, example_input, reset_head, stem_geometry
 from .augment import Augment
 from .datasets import open_source
 from .evaluate import autocast, metrics, score_clips
@@ -137,38 +138,130 @@ def _deterministic(on: bool, device: torch.device):
 # -- the model and its optimiser ------------------------------------------------------------
 
 
+# the model.* keys that shape a checkpoint's layers: taken from the checkpoint unless the recipe sets them
+LAYER_KEYS = ("dcls", "kernel", "count", "version", "sync", "match", "stem")
+
+
+@dataclass(frozen=True)
+class FineTuning:
+    """What a run from a dclsify checkpoint (``model.source``) took from it: ``model.fine_tuning``
+    after :func:`build_model`, the run's first line and ``fine_tuning`` in its config.json."""
+
+    source: str
+    tensors_kept: int  # the checkpoint's tensors (weights and buffers) the model starts from
+    head_kept: bool  # the data's classes are the checkpoint's, same names in the same order
+    checkpoint_classes: int | None
+    classes: int
+    audio_recorded: bool  # False: the checkpoint records no front-end (convert's files), the recipe's is used
+    audio_overrides: dict  # audio.KEY -> [the checkpoint's value, the recipe's], where the recipe sets another
+    frozen: bool
+
+    def describe(self) -> str:
+        if self.head_kept:
+            head = f"head kept ({self.classes} classes)"
+        elif self.checkpoint_classes == self.classes:
+            head = f"head new ({self.classes} classes, not the checkpoint's names in its order)"
+        elif self.checkpoint_classes is None:
+            head = f"head new ({self.classes} classes)"
+        else:
+            head = f"head new ({self.checkpoint_classes} -> {self.classes} classes)"
+        if not self.audio_recorded:
+            audio = "the checkpoint records no front-end: the recipe's"
+        else:
+            audio = "the checkpoint's front-end" + "".join(
+                f", audio.{key} {json.dumps(mine)} (its {json.dumps(theirs)})"
+                for key, (theirs, mine) in self.audio_overrides.items()
+            )
+        frozen = "; the body frozen, in eval mode: the head alone trains" if self.frozen else ""
+        return f"fine-tuning from {self.source}: {self.tensors_kept} tensors kept, {head}; {audio}{frozen}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_recipe(recipe: Recipe) -> Recipe:
+    """The recipe a run from ``model.source`` uses: for a dclsify checkpoint, the checkpoint's
+    front-end (``audio.*``, as it recorded them) and layers (:data:`LAYER_KEYS`) wherever the recipe
+    does not set them (:attr:`Recipe.given`), so that its sample rate applies to the new data;
+    any other source's recipe as it is. What :func:`train` records and ``--dry-run`` prints."""
+    return _resolve(recipe)[0]
+
+
+def _resolve(recipe: Recipe) -> tuple[Recipe, dict | None, dict]:
+    """(the resolved recipe, the checkpoint's metadata or None, the recipe's audio values that differ
+    from the checkpoint's: key -> [checkpoint's, recipe's])."""
+    m = recipe.model
+    if not m.source:
+        raise TrainError(
+            "model.source is empty: this recipe fine-tunes a dclsify checkpoint; name it with "
+            "--set model.source=CHECKPOINT.safetensors"
+        )
+    if not m.source.endswith(".safetensors"):
+        return recipe, None, {}
+    try:
+        metadata = read_metadata(m.source)
+    except CheckpointError as error:
+        raise TrainError(str(error)) from None
+    layers = {}
+    for key in LAYER_KEYS:
+        if f"model.{key}" not in recipe.given:
+            value = metadata["rewrite"][key]
+            layers[key] = _stem_text(value) if key == "stem" else value
+    audio, overrides, recorded = recipe.audio, {}, metadata[AUDIO_KEY]
+    if recorded is not None:
+        mine = {f.name: getattr(audio, f.name) for f in fields(audio) if f"audio.{f.name}" in recipe.given}
+        overrides = {k: [getattr(recorded, k), v] for k, v in mine.items() if v != getattr(recorded, k)}
+        try:
+            audio = dataclasses.replace(recorded, **mine)
+        except ValueError as error:
+            raise TrainError(f"the front-end of {m.source} with the recipe's audio settings: {error}") from None
+    resolved = dataclasses.replace(recipe, model=dataclasses.replace(m, **layers), audio=audio)
+    return resolved, metadata, overrides
+
+
+def _stem_text(stem) -> str:
+    """A checkpoint's recorded stem ([[kh, kw], [sh, sw]] or None) as model.stem writes it."""
+    if stem is None:
+        return "none"
+    if stem_geometry("audio") == (tuple(stem[0]), tuple(stem[1])):
+        return "audio"
+    return "{}x{}/{}x{}".format(*stem[0], *stem[1])
+
+
 def build_model(
     recipe: Recipe | str | os.PathLike,
     num_classes: int,
     overrides: list[str] = (),
     trust_code: bool = False,
+    class_names: list[str] | None = None,
 ) -> nn.Module:
     """The model a recipe names, with a head of ``num_classes``: what :func:`train` trains.
 
     ``recipe`` is a :class:`Recipe`, a built-in recipe's name or a TOML file; ``overrides``
     ``section.key=value`` strings, as ``--set`` takes them. ``model.source`` is a timm name or
     a ``file:PATH.py:FACTORY`` (rewritten for audio: DCLS or, with ``model.dcls = false``, its
-    DSC twin), or a dclsify checkpoint to fine-tune (converted, imported or trained). Every
-    ``model.*`` key reaches the model whatever the source: a checkpoint is rebuilt with the
-    recipe's ``drop_path`` and gets a new head where its classes differ, and a key that shapes
-    its layers (``dcls``, ``kernel``, ``stem``, ...) must say what the checkpoint holds (an
-    error names those that do not). ``model.freeze`` trains the head only.
+    DSC twin), or a dclsify checkpoint to fine-tune (converted, imported or trained), read as
+    :func:`resolve_recipe` resolves the recipe: its layers and front-end are the checkpoint's
+    unless the recipe sets them, and a key that shapes its layers (``dcls``, ``kernel``,
+    ``stem``, ...) that the recipe sets must say what the checkpoint holds (an error names those
+    that do not). It is rebuilt with the recipe's ``drop_path``; its head is kept where the data's
+    ``class_names`` are the checkpoint's (same names, same order; without names, where the
+    counts agree) and new otherwise (``model.fine_tuning``, a :class:`FineTuning`, says which).
+    A model that cannot take the run's spectrograms (another channel count, a size it cannot
+    run on) is a :class:`TrainError`. ``model.freeze`` trains the head only.
     """
-    recipe = as_recipe(recipe, overrides)
+    recipe, metadata, audio_overrides = _resolve(as_recipe(recipe, overrides))
     m = recipe.model
     if m.num_classes and m.num_classes != num_classes:
         raise TrainError(f"model.num_classes is {m.num_classes}, but the data has {num_classes} classes")
     drop_path = {"drop_path_rate": m.drop_path} if m.drop_path else {}
     stem = None if m.stem.lower() == "none" else m.stem
     try:
-        if m.source.endswith(".safetensors"):
-            metadata = read_metadata(m.source)
+        if metadata is not None:
             _check_layers_match(m, stem, metadata["rewrite"], m.source)
             recorded = {k: v for k, v in metadata["model_kwargs"].items() if k != "drop_path_rate"}
             model = load(m.source, trust_code=trust_code, model_kwargs={**recorded, **drop_path})
-            if model.dclsify.config.num_classes != num_classes:
-                reset_head(model, num_classes)
-                model.dclsify.config.num_classes = num_classes
+            model.fine_tuning = _start_from_checkpoint(model, recipe, num_classes, class_names, audio_overrides)
         else:
             require_trust(m.source, trust_code, "the recipe")
             model = convert(
@@ -185,6 +278,7 @@ def build_model(
                 dcls=m.dcls,
                 seed=recipe.train.seed,
             )
+            _check_channels(model, f"the model of {m.source}", "set model.stem (audio, or KHxKW[/SHxSW])")
     except (SurgeryError, CheckpointError) as error:
         raise TrainError(str(error)) from None
     if m.freeze:
@@ -195,7 +289,8 @@ def build_model(
 
 
 def _check_layers_match(m, stem, recorded: dict, path: str) -> None:
-    """A checkpoint's layers are what they are: the recipe's keys that shape them must agree."""
+    """A checkpoint's layers are what they are: the recipe's keys that shape them must agree (those it
+    does not set were taken from the checkpoint by :func:`resolve_recipe`)."""
     geometry = stem_geometry(stem)
     asked = {"dcls": m.dcls, "stem": None if geometry is None else [list(geometry[0]), list(geometry[1])]}
     if m.dcls and recorded["dcls"]:
@@ -216,24 +311,123 @@ def _check_layers_match(m, stem, recorded: dict, path: str) -> None:
         )
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, position_lr_scale: float) -> list[dict]:
+def _start_from_checkpoint(model, recipe: Recipe, num_classes: int, class_names, audio_overrides) -> FineTuning:
+    """Check that a loaded checkpoint's model can take the run's spectrograms, give it a new head
+    where the classes differ, and say what was kept."""
+    source = recipe.model.source
+    _check_channels(model, source, "convert its source again with an audio stem (dclsify convert --stem audio)")
+    config = model.dclsify.config
+    if tuple(config.input_size) != recipe.audio.input_size:
+        _check_runs_on(model, recipe.audio, source)
+        config.input_size = recipe.audio.input_size  # its checkpoints then describe the input it was tuned on
+    before = config.num_classes if config.num_classes is not None else getattr(model, "num_classes", None)
+    if class_names is not None and model.class_names is not None:
+        head_kept = list(model.class_names) == list(class_names)
+    else:
+        head_kept = before == num_classes  # convert's files name no classes: their count decides
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
+    kept = len(tensors)
+    if not head_kept:
+        kept -= len({id(t) for t in model.get_classifier().state_dict(keep_vars=True).values()})
+        reset_head(model, num_classes)  # std-0.02 layers, as DCLS-Audio starts a head
+        config.num_classes = num_classes
+        model.class_names = None if class_names is None else list(class_names)
+    return FineTuning(
+        source,
+        kept,
+        head_kept,
+        before,
+        num_classes,
+        model.audio is not None,
+        audio_overrides,
+        recipe.model.freeze,
+    )
+
+
+def _check_channels(model: nn.Module, what: str, remedy: str) -> None:
+    channels = example_input(model, model.dclsify.config).shape[1]
+    if channels != 1:
+        raise TrainError(f"{what} takes {channels}-channel input, not the 1 channel of a log-mel spectrogram: {remedy}")
+
+
+def _check_runs_on(model: nn.Module, audio, source: str) -> None:
+    """Run the model once on a zero spectrogram of the run's size: one it cannot take fails here,
+    before any data is read, rather than at the first step."""
+    config = model.dclsify.config
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 1, *audio.input_size))
+    except Exception as error:  # noqa: BLE001 - the model's own error, about the run's input size
+        detail = " ".join(str(error).split())[:200]
+        mels, frames = audio.input_size
+        raise TrainError(
+            f"{source} cannot run on this run's spectrograms of {mels} mels x {frames} frames "
+            f"({type(error).__name__}: {detail}); it was made for {config.input_size[0]} x {config.input_size[1]}: "
+            "leave the audio.* settings to the checkpoint, or set ones it can take"
+        ) from None
+    finally:
+        model.train(training)
+
+
+def stage_depths(model: nn.Module) -> dict[str, int]:
+    """Each parameter's depth from the top, by stage, as ``train.layer_decay`` counts it: 0 for the
+    head and all that follows the last stage (a final norm or conv), 1 for the last stage, ...,
+    S for the first of S stages, S + 1 for the stem (all before the first stage, and parameters of
+    the model itself). The stages are timm's: the children of the model's ``stages`` (ConvNeXt,
+    MetaFormer, FastViT); a model without them is a :class:`TrainError`."""
+    stages = getattr(model, "stages", None)
+    order = [name for name, _ in stages.named_children()] if isinstance(stages, nn.Module) else []
+    if not order:
+        raise TrainError(
+            f"train.layer_decay needs a model built of stages (timm's stages.N), and this "
+            f"{type(model).__name__} has none: set train.layer_decay=1"
+        )
+    children = [name for name, _ in model.named_children()]
+    first = children.index("stages")
+    depths = {}
+    for name, _ in model.named_parameters():
+        top, _, rest = name.partition(".")
+        if top == "stages":
+            depths[name] = len(order) - order.index(rest.partition(".")[0])
+        elif top in children and children.index(top) > first:
+            depths[name] = 0
+        else:
+            depths[name] = len(order) + 1
+    return depths
+
+
+def parameter_groups(
+    model: nn.Module, weight_decay: float, position_lr_scale: float, layer_decay: float = 1.0
+) -> list[dict]:
     """Three groups: weights with decay; biases and norms (1-D) without; DCLS positions and
     spreads (P, SIG) without decay at ``position_lr_scale`` times the rate (timm's schedulers
-    honour ``lr_scale``). A parameter shared by several layers appears once."""
-    groups = {"decay": [], "no_decay": [], "positions": []}
-    seen = set()
+    honour ``lr_scale``). A parameter shared by several layers appears once; frozen ones not at all.
+
+    With ``layer_decay`` < 1 (fine-tuning, as BEiT and ConvNeXt do it), each of the three is split
+    by :func:`stage_depths`, a parameter at depth d learning at ``layer_decay ** d`` times the rate
+    (times ``position_lr_scale`` for positions); the groups go from the top down, so the first
+    learns at the schedule's own rate."""
+    kinds = ("decay", "no_decay", "positions")
+    depths = stage_depths(model) if layer_decay != 1 else {}
+    groups, seen = {}, set()
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad or id(parameter) in seen:
             continue
         seen.add(id(parameter))
         leaf = name.rpartition(".")[2]
         kind = "positions" if leaf in ("P", "SIG") else "no_decay" if parameter.ndim <= 1 else "decay"
-        groups[kind].append(parameter)
-    return [
-        {"params": groups["decay"], "weight_decay": weight_decay},
-        {"params": groups["no_decay"], "weight_decay": 0.0},
-        {"params": groups["positions"], "weight_decay": 0.0, "lr_scale": position_lr_scale},
-    ]
+        groups.setdefault((depths.get(name, 0), kinds.index(kind)), []).append(parameter)
+    if layer_decay == 1:
+        groups = {key: groups.get(key, []) for key in ((0, 0), (0, 1), (0, 2))}  # the three, as ever
+    result = []
+    for (depth, kind), parameters in sorted(groups.items()):
+        group = {"params": parameters, "weight_decay": weight_decay if kind == 0 else 0.0}
+        scale = (layer_decay**depth if layer_decay != 1 else 1.0) * (position_lr_scale if kind == 2 else 1.0)
+        if layer_decay != 1 or kind == 2:
+            group["lr_scale"] = scale
+        result.append(group)
+    return result
 
 
 # DCLS-Audio's --opt_eps, given to either optimiser: AdamW's own default, and not timm's Lamb's (1e-6)
@@ -241,13 +435,26 @@ OPTIMIZER_EPS = 1e-8
 
 
 def make_optimizer(t: TrainRecipe, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """The recipe's optimizer (AdamW or LAMB) over :func:`parameter_groups`."""
-    groups = [g for g in parameter_groups(model, t.weight_decay, t.position_lr_scale) if g["params"]]
+    """The recipe's optimizer (AdamW or LAMB) over :func:`parameter_groups` (with ``train.layer_decay``)."""
+    groups = [g for g in parameter_groups(model, t.weight_decay, t.position_lr_scale, t.layer_decay) if g["params"]]
     if t.optimizer == "lamb":
         from timm.optim import Lamb
 
         return Lamb(groups, lr=lr, betas=tuple(t.betas), eps=OPTIMIZER_EPS)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(t.betas), eps=OPTIMIZER_EPS)
+
+
+def set_training(model: nn.Module, frozen: bool) -> None:
+    """``model.train()``, but with a frozen body (``model.freeze``) only the head trains and the
+    body runs as at inference (eval mode): its batch-norm statistics stay the checkpoint's (they
+    would drift to the new data under weights that cannot follow them), and drop path leaves its
+    features whole, so the head learns on the very features it is later evaluated on."""
+    model.train()
+    if frozen:
+        head = set(model.get_classifier().modules())
+        for module in model.modules():
+            if module not in head:
+                module.training = False
 
 
 def epoch_steps(loader, plan: BatchPlan, clips: int) -> int:
@@ -262,11 +469,13 @@ def epoch_steps(loader, plan: BatchPlan, clips: int) -> int:
 
 
 def clamp_positions(model: nn.Module) -> None:
-
+    """Clamp every trained ``Dcls2d``'s positions to its window; frozen ones stay as they were loaded."""
     clamped = set()  # a stage's layers share one P: clamp it once
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, Dcls2d) and (id(module.P), module.dilated_kernel_size) not in clamped:
+            if not isinstance(module, Dcls2d) or not module.P.requires_grad:
+                continue
+            if (id(module.P), module.dilated_kernel_size) not in clamped:
                 clamped.add((id(module.P), module.dilated_kernel_size))
                 module.clamp_parameters()
 
@@ -496,9 +705,12 @@ def train(
     returns; resume continues exactly. With ``train.teacher`` (a file of
     :func:`~dclsify.pipeline.teacher.score_to_file`) the run distils
     (:func:`~dclsify.pipeline.teacher.distillation_loss`); a training clip missing from that
-    file stops it before anything is built. ``progress``: a started ``rich.progress.Progress`` to show the
-    run's bars in, beside others (``dclsify cv``'s bar over its runs); by default the run has its own.
-    Returns a :class:`TrainResult`.
+    file stops it before anything is built. With a dclsify checkpoint as ``model.source`` the run
+    fine-tunes it (:func:`resolve_recipe`, :func:`build_model`: its layers and front-end kept unless
+    the recipe sets them, its head where the data has its classes; ``train.layer_decay``,
+    ``model.freeze``), and says what it kept in its first line and config.json. ``progress``: a started
+    ``rich.progress.Progress`` to show the run's bars in, beside others (``dclsify cv``'s bar over its
+    runs); by default the run has its own. Returns a :class:`TrainResult`.
     """
     started = time.perf_counter()
     run_dir = Path(out)
@@ -516,6 +728,7 @@ def train(
         recipe = as_recipe(recipe)
         if data is None:
             raise TrainError("no training data: give --data (HDF5, a segment CSV, a manifest or a dataset folder)")
+    recipe = resolve_recipe(recipe)  # a checkpoint's front-end: the data is then read at its sample rate
     skip = read_blacklist(blacklist) if blacklist is not None else None
     if resume and skip is not None and skip.digest != recorded["blacklist"]["sha256"]:
         raise TrainError(
@@ -548,7 +761,9 @@ def train(
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     random.seed(t.seed)
     np.random.seed(t.seed)
-    model = build_model(recipe, len(train_set.class_names), trust_code=trust_code).to(device)
+    model = build_model(recipe, len(train_set.class_names), trust_code=trust_code, class_names=train_set.class_names)
+    model = model.to(device)
+    fine_tuning = getattr(model, "fine_tuning", None)
     torch.manual_seed(t.seed + rank)  # and each rank its own drop-path masks
     if rank == 0 and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -562,6 +777,7 @@ def train(
             "multi_label": train_set.multi_label,
             "world_size": world,
             "blacklist": None if skip is None else {"sha256": skip.digest, **asdict(train_set.blacklisted)},
+            "fine_tuning": None if fine_tuning is None else fine_tuning.as_dict(),
         }
         (run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
     with _deterministic(t.deterministic, device):
@@ -696,7 +912,8 @@ def _run(
     metrics_path, last_eval, interrupted = run_dir / "metrics.jsonl", None, False
     writer = _tensorboard(run_dir) if rank == 0 else None
     progress = (shared_progress or _progress(console)) if rank == 0 else None
-    for line in (plan.describe(), plan.describe_lr()) if rank == 0 else ():
+    fine_tuning = getattr(model, "fine_tuning", None)
+    for line in (fine_tuning and fine_tuning.describe(), plan.describe(), plan.describe_lr()) if rank == 0 else ():
         if line:
             _say(progress, line)
     if train_set.blacklisted is not None:
@@ -734,7 +951,7 @@ def _run(
                     results[name] = metrics(scores, targets, multi_label, train_set.class_names).as_dict()
                 except ValueError as error:
                     raise TrainError(f"cannot score the evaluation data: {error}") from None
-        model.train()
+        set_training(model, recipe.model.freeze)
         if unreadable and rank == 0:
             _say(progress, f"{len(unreadable)} evaluation clips could not be read and were left out")
         if rank == 0:
@@ -755,7 +972,7 @@ def _run(
         last_eval = results
         return results
 
-    model.train()
+    set_training(model, recipe.model.freeze)
     loss_sum = torch.full((), window_loss, device=device)
     terms_sum = torch.tensor(window_terms, dtype=loss_sum.dtype, device=device)
     if teacher is not None and rank == 0:

@@ -151,6 +151,7 @@ def test_dry_run_reports_the_plan_as_text_and_json(tmp_path):
         "classes": 4,
         "parameters": sum(p.numel() for p in dclsify.build_model(None, 4, TINY).parameters()),
         "run_dir": str(tmp_path / "run"),
+        "fine_tuning": None,  # a timm source: nothing taken from a checkpoint
     }
     assert plan["recipe"]["train"]["global_batch"] == 8 and plan["recipe"]["model"]["kernel"] == 9
     assert not (tmp_path / "run").exists()  # nothing trained, nothing written

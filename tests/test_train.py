@@ -262,6 +262,11 @@ def test_every_recipe_parses_and_builds_its_model(name):
     recipe = load_recipe(name)
     if name == "demo":
         return  # built and trained by test_demo
+    if name in ("finetune", "linear_probe"):  # built from a checkpoint by test_finetune
+        assert recipe.model.source == "" and recipe.train.global_batch == 0 and recipe.train.eval_every == 1
+        with pytest.raises(TrainError, match="--set model.source=CHECKPOINT.safetensors"):
+            build_model(recipe, 527)
+        return
     model = build_model(recipe, 527)
     counts = {  # the authors' parameter counts (README), shared P/SIG once
         "convnext_tiny_dsc": 28_223_855,
