@@ -931,7 +931,7 @@ def _report_study(study) -> None:
     table.add_row(*lead, "std", *std)
     print_table(table)
     console.print(
-        f"{len(summary.runs)} runs in {study.seconds / 60:.1f} min; "
+        f"{len(summary.runs)} run{'s' if len(summary.runs) > 1 else ''} in {study.seconds / 60:.1f} min; "
         f"{escape(str(study.folder / 'summary.json'))}, summary.csv"
     )
 
