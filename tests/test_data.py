@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from dclsify import cli
 from dclsify.cli import app
 from dclsify.pipeline.augment import Augment, AugmentConfig, change_speed, erase_boxes, roll
+from dclsify.pipeline.datasets import open_source
 from dclsify.pipeline.frontend import AudioConfig, LogMel
 from dclsify.pipeline.loader import BalancedSampler, FailureLog, ShardSampler, balanced_weights, make_loader
 from dclsify.pipeline.pack import pack
@@ -27,7 +28,6 @@ from dclsify.pipeline.sources import (
     SegmentClips,
     audioset_classes,
     decode,
-    open_source,
     read_blacklist,
     youtube_id,
 )
