@@ -8,13 +8,11 @@ import json
 import math
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
 import torch
 from rich.console import Console
 from safetensors import safe_open
-from test_train import TINY, losses
+from test_train import TINY, losses, make_set
 from torch import nn
 from typer.testing import CliRunner
 
@@ -28,7 +26,6 @@ from dclsify.surgery.checkpoint import convert, save
 runner = CliRunner()
 CLASSES = ["low", "middle", "high", "chirp"]
 OTHER_CLASSES = ["hum", "whistle", "sweep"]
-SECONDS = 0.5
 # TINY's training settings alone: the layers and the front-end are to come from the checkpoint
 TRAINING = [o for o in TINY if o.startswith("train.")]
 LR = 2e-3  # TINY's rate, at its own reference batch
@@ -37,26 +34,6 @@ LR = 2e-3  # TINY's rate, at its own reference batch
 @pytest.fixture(autouse=True)
 def wide_console(monkeypatch):
     monkeypatch.setattr(cli, "console", Console(width=200))
-
-
-def make_set(path: Path, clips: int, seed: int, rate: int, classes: list[str]) -> Path:
-    """test_train's tones and chirp (all below 4 kHz), one or two a clip, at ``rate``, named ``classes``."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(rate * SECONDS)) / rate
-    sounds = [np.sin(2 * np.pi * f * t) for f in (300, 1000, 3000)] + [np.sin(2 * np.pi * (500 * t + 3000 * t**2))]
-    waveforms = np.zeros((clips, len(t)), dtype=np.int16)
-    targets = np.zeros((clips, len(classes)), dtype=bool)
-    for i in range(clips):
-        present = rng.choice(len(classes), size=1 + (i % 3 == 0), replace=False)
-        mix = sum(rng.uniform(0.2, 0.5) * sounds[c] for c in present) + 0.01 * rng.standard_normal(len(t))
-        waveforms[i] = np.clip(mix * 32767, -32768, 32767)
-        targets[i, present] = True
-    with h5py.File(path, "w") as handle:
-        handle["audio_name"] = np.array([f"clip{i}".encode() for i in range(clips)])
-        handle["waveform"] = waveforms
-        handle["target"] = targets
-        handle.attrs.update(sample_rate=rate, class_names=json.dumps(classes), multi_label=True)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -57,16 +57,16 @@ def wide_console(monkeypatch):
     monkeypatch.setattr(cli, "console", Console(width=200))
 
 
-def make_set(path: Path, clips: int, seed: int) -> Path:
-    """Four classes a small CNN tells apart at once: three tones and a chirp, one or two a clip."""
+def make_set(path: Path, clips: int, seed: int, rate: int = RATE, classes: list[str] = CLASSES) -> Path:
+    """Classes a small CNN tells apart at once: three tones and a chirp (all below 4 kHz), one or two a
+    clip, at ``rate``, named ``classes`` (four at most)."""
     rng = np.random.default_rng(seed)
-    t = np.arange(int(RATE * SECONDS)) / RATE
-    sounds = [np.sin(2 * np.pi * 300 * t), np.sin(2 * np.pi * 1000 * t), np.sin(2 * np.pi * 3000 * t)]
-    sounds.append(np.sin(2 * np.pi * (500 * t + 3000 * t**2)))
+    t = np.arange(int(rate * SECONDS)) / rate
+    sounds = [np.sin(2 * np.pi * f * t) for f in (300, 1000, 3000)] + [np.sin(2 * np.pi * (500 * t + 3000 * t**2))]
     waveforms = np.zeros((clips, len(t)), dtype=np.int16)
-    targets = np.zeros((clips, 4), dtype=bool)
+    targets = np.zeros((clips, len(classes)), dtype=bool)
     for i in range(clips):
-        present = rng.choice(4, size=1 + (i % 3 == 0), replace=False)
+        present = rng.choice(len(classes), size=1 + (i % 3 == 0), replace=False)
         mix = sum(rng.uniform(0.2, 0.5) * sounds[c] for c in present) + 0.01 * rng.standard_normal(len(t))
         waveforms[i] = np.clip(mix * 32767, -32768, 32767)
         targets[i, present] = True
@@ -74,7 +74,7 @@ def make_set(path: Path, clips: int, seed: int) -> Path:
         handle["audio_name"] = np.array([f"clip{i}".encode() for i in range(clips)])
         handle["waveform"] = waveforms
         handle["target"] = targets
-        handle.attrs.update(sample_rate=RATE, class_names=json.dumps(CLASSES), multi_label=True)
+        handle.attrs.update(sample_rate=rate, class_names=json.dumps(classes), multi_label=True)
     return path
 
 
