@@ -841,7 +841,7 @@ def train_command(
         return
     if seeds is not None or (resume is not None and (resume / STUDY_FILE).is_file()):
         if blacklist is not None:
-            fail("--seeds and --blacklist do not go together yet")
+            fail("--blacklist does not go with --seeds (or --resume of their study) yet")
         try:
             if resume is not None:
                 if seeds or recipe or overrides or data or eval_data or out:
@@ -913,7 +913,8 @@ def _print_plan(plan) -> None:
 def _report_study(study) -> None:
     """The table of a cross-validation (or seeds) study: a row per run, then the mean and standard deviation."""
     if study.interrupted:
-        console.print(f"stopped: continue with --resume {escape(str(study.folder))}")
+        command = "cv" if study.folds else "train"
+        console.print(f"the study stopped: continue it with `dclsify {command} --resume {escape(str(study.folder))}`")
         raise typer.Exit(130)
     summary = study.summary
     names = list(summary.mean)

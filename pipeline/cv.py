@@ -76,6 +76,7 @@ class StudyResult:
     summary: StudySummary | None
     interrupted: bool
     seconds: float
+    folds: bool  # a cross-validation (dclsify cv), not seeds alone (dclsify train --seeds)
 
 
 def summarize(runs: Sequence[StudyRun], multi_label: bool) -> StudySummary:
@@ -210,6 +211,8 @@ def fold_plan(data: str, folds: str = "all", fold_seed: int = 0, **where) -> tup
     if "fold" in selector or "kfold" in selector:
         raise TrainError(f"{data}: give the dataset without a fold selector; --folds chooses the folds")
     layout = describe_data(data, **where)
+    if layout.folds and len(layout.folds) < 2:
+        raise TrainError(f"{data} has a single fold: cross-validation needs two at least (--folds K makes K)")
     if layout.folds:
         names = list(layout.folds)
         if folds == "all":
@@ -272,7 +275,12 @@ def check_classes(trials: Sequence[Trial], options: dict) -> bool:
     for trial in {t.fold: t for t in trials}.values():
         train_set = open_source(trial.data, None, options.get("audio_dir"), options.get("classes"))
         eval_set = open_source(trial.eval_data, None, options.get("audio_dir"), options.get("classes"))
-        multi_label = train_set.multi_label
+        if eval_set.class_names != train_set.class_names:
+            raise TrainError(
+                f"the evaluation data's {len(eval_set.class_names)} classes are not the training data's "
+                f"{len(train_set.class_names)} (same names in the same order are needed)"
+            )
+        multi_label = multi_label or train_set.multi_label
         taught = train_set.target_matrix().any(axis=0)
         asked = eval_set.target_matrix().any(axis=0)
         unseen = [train_set.class_names[i] for i in np.flatnonzero(asked & ~taught)]
@@ -343,10 +351,13 @@ def repeat_seeds(
 
 
 def _start(recipe, overrides, trials, out: Path, overwrite, options, console, stop_after) -> StudyResult:
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file: a study needs a folder")
     if (out / STUDY_FILE).exists() and not overwrite:
         raise TrainError(f"{out} holds a study already: --resume {out} continues it, --overwrite replaces it")
-    if out.exists() and any(out.iterdir()) and not (out / STUDY_FILE).exists() and not overwrite:
-        raise TrainError(f"{out} is not empty: choose another --out, or --overwrite")
+    if out.exists() and any(out.iterdir()) and not (out / STUDY_FILE).exists():
+        # --overwrite replaces a study, never a folder of something else
+        raise TrainError(f"{out} is not empty and holds no study ({STUDY_FILE}): choose another --out")
     multi_label = check_classes(trials, options)
     # everything a run would refuse (the recipe, the data, a checkpoint that cannot take it) fails here, once
     plan_run(
@@ -404,12 +415,12 @@ def _carry_out(study: Study, out: Path, console, stop_after) -> StudyResult:
             progress.update(progress.task_ids[0], advance=1, status=_running_mean(runs, study.multi_label))
     finally:
         progress.stop()
-    seconds = time.perf_counter() - started
+    seconds, folds = time.perf_counter() - started, any(trial.fold is not None for trial in study.trials)
     if interrupted:
-        return StudyResult(out, None, True, seconds)
+        return StudyResult(out, None, True, seconds, folds)
     summary = summarize(runs, study.multi_label)
     write_summary(out, summary)
-    return StudyResult(out, summary, False, seconds)
+    return StudyResult(out, summary, False, seconds, folds)
 
 
 def _train_trial(study: Study, trial: Trial, run_dir: Path, progress, stop_after) -> TrainResult:

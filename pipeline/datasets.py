@@ -71,6 +71,10 @@ LAYOUTS_LOOKED_FOR = (
 )
 
 
+# layouts whose file names repeat from folder to folder: a clip is named by its path below the root
+FOLDER_NAMED = ("class-folders", "speech-commands")
+
+
 @dataclass(frozen=True)
 class DataLayout:
     """What a data path holds: its ``layout`` (``class-folders``, ``esc50``, ``urbansound8k``, ``fsd50k``,
@@ -101,7 +105,10 @@ class LayoutClips(LabelledFiles):
 
     ``layout`` names the layout; ``part_kind`` is ``"split"``, ``"fold"`` or None (a dataset with
     neither); ``parts`` holds each clip's split or fold name and ``part_names`` them all, in order.
-    A clip's name is its file's stem (``1-100032-A-0``), as black lists and teacher files name it.
+    A clip's name is its file's stem (``1-100032-A-0``) where the dataset's file names are unique (ESC-50,
+    UrbanSound8K, FSD50K), and its path below the root without the extension (``right/bbc30633_nohash_0``,
+    ``train/dog/0``) where they repeat from folder to folder (class folders, Speech Commands): a
+    teacher file matches clips by these names.
     """
 
     def __init__(
@@ -121,6 +128,11 @@ class LayoutClips(LabelledFiles):
         self.root, self.layout, self.part_kind = root, layout, part_kind
         self.parts = np.asarray(parts if parts is not None else [], dtype=str)
         self.part_names = list(part_names)
+
+    def clip_name(self, index: int) -> str:
+        if self.layout in FOLDER_NAMED:  # 0.wav in every class folder: the folders keep names apart
+            return self.paths[index].relative_to(self.root).with_suffix("").as_posix()
+        return self.paths[index].stem
 
     def part_counts(self) -> dict[str, int] | None:
         if self.part_kind is None:
@@ -285,12 +297,24 @@ def _read_csv(path: Path, columns: Sequence[str], what: str) -> list[tuple[int, 
     """(line, row) of a CSV with a header that has ``columns``; ``what`` names the file's layout in errors."""
     if not path.is_file():
         raise DataError(f"no {path}: {what}")
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in columns if column not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path}, line 1: no {', '.join(missing)} column; {what}")
-        return list(enumerate(reader, start=2))
+    reader = csv.DictReader(_text_lines(path))
+    missing = [column for column in columns if column not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(f"{path}, line 1: no {', '.join(missing)} column; {what}")
+    rows = list(enumerate(reader, start=2))
+    for line, row in rows:
+        short = [column for column in columns if row.get(column) is None]
+        if short:
+            raise DataError(f"{path}, line {line}: no {', '.join(short)} (the line has too few fields); {what}")
+    return rows
+
+
+def _text_lines(path: Path) -> list[str]:
+    """A dataset's text file as lines; one that is not UTF-8 text is a :class:`DataError` naming it."""
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start}); is it the dataset's own file?") from None
 
 
 def _number(path: Path, line: int, column: str, value: str | None) -> int:
@@ -407,13 +431,12 @@ def _read_fsd50k(root: Path, audio: AudioConfig | None) -> LayoutClips:
     if not vocabulary.is_file():
         raise DataError(f"no {vocabulary}: FSD50K lists its 200 classes there (index,label,mid, no header)")
     numbered = []
-    with open(vocabulary, newline="", encoding="utf-8-sig") as handle:
-        for line, row in enumerate(csv.reader(handle), start=1):
-            if not row:
-                continue
-            if len(row) != 3:
-                raise DataError(f"{vocabulary}, line {line}: expected index,label,mid; got {row}")
-            numbered.append((line, _number(vocabulary, line, "index", row[0]), row[1].strip()))
+    for line, row in enumerate(csv.reader(_text_lines(vocabulary)), start=1):
+        if not row:
+            continue
+        if len(row) != 3:
+            raise DataError(f"{vocabulary}, line {line}: expected index,label,mid; got {row}")
+        numbered.append((line, _number(vocabulary, line, "index", row[0]), row[1].strip()))
     class_names, _ = _numbered_classes(vocabulary, numbered)
     index = {name: i for i, name in enumerate(class_names)}
     paths, labels, splits = [], [], []
@@ -437,7 +460,7 @@ def _read_fsd50k(root: Path, audio: AudioConfig | None) -> LayoutClips:
 def _read_speech_commands(root: Path, audio: AudioConfig | None) -> LayoutClips:
     listed = {}
     for split, name in (("validation", "validation_list.txt"), ("test", "testing_list.txt")):
-        for entry in (root / name).read_text(encoding="utf-8").splitlines():
+        for entry in _text_lines(root / name):
             if entry.strip():
                 listed.setdefault(entry.strip().replace("\\", "/"), split)  # a clip in both lists: validation
     # word folders; _background_noise_ holds long noise recordings, no word

@@ -281,6 +281,8 @@ def build_model(
             _check_channels(model, f"the model of {m.source}", "set model.stem (audio, or KHxKW[/SHxSW])")
     except (SurgeryError, CheckpointError) as error:
         raise TrainError(str(error)) from None
+    if recipe.train.layer_decay != 1:
+        stage_depths(model)  # a model without stages is refused here, before a run writes anything
     if m.freeze:
         head = {id(p) for p in model.get_classifier().parameters()}
         for parameter in model.parameters():

@@ -239,3 +239,21 @@ def test_cli_train_seeds_then_resume_prints_the_same_table(esc50, tmp_path):
     assert again.output[again.output.index("seed  accuracy") :].splitlines()[:-1] == table
     refused = runner.invoke(app, [*args, "--seeds", "0,0"])
     assert refused.exit_code == 1 and "--seeds takes distinct non-negative integers" in refused.output
+
+
+def test_overwrite_replaces_a_study_never_a_folder_of_something_else(esc50, tmp_path):
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("months of work\n")
+    with pytest.raises(TrainError, match="is not empty and holds no study"):
+        cross_validate(None, str(esc50), folder, folds="1", overrides=QUICK, overwrite=True)
+    assert [p.name for p in folder.iterdir()] == ["thesis.tex"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TrainError, match="is a file: a study needs a folder"):
+        cross_validate(None, str(esc50), tmp_path / "file", folds="1", overrides=QUICK)
+
+
+def test_seeds_on_data_of_other_classes_is_one_error(esc50, tmp_path):
+    with pytest.raises(TrainError, match="the evaluation data's 10 classes are not the training data's 14"):
+        repeat_seeds(None, f"{esc50}#fold=1", f"{esc50}#subset=esc10&fold=2", tmp_path / "seeds", "0", QUICK)
+    assert not (tmp_path / "seeds").exists()

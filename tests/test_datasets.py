@@ -150,8 +150,9 @@ def test_a_folder_of_class_folders_is_a_single_label_set_with_classes_sorted_by_
     data = open_source(class_folders, SHORT)
     assert isinstance(data, LayoutClips) and data.layout == "class-folders" and len(data) == 30
     assert data.class_names == ["bird", "cat", "dog"] and not data.multi_label
-    assert data.clip_name(0) == "bird01" and data.labels(0) == ["bird"]  # clips by class, then path
-    assert data.clip_name(len(data) - 1) == "dog09" and data.labels(len(data) - 1) == ["dog"]
+    assert data.clip_name(0) == "bird/bird01" and data.labels(0) == ["bird"]  # clips by class, then path
+    assert data.clip_name(len(data) - 1) == "dog/night/dog09" and data.labels(len(data) - 1) == ["dog"]
+    assert data.clip_name(6) == "bird/night/bird00"  # named by the path below the root: names repeat in folders
     assert data.clip_path(6).endswith("bird/night/bird00.wav")  # any depth below the class folder
     assert data.target_matrix().sum(axis=0).tolist() == [10, 10, 10] and everything_reads(data)
     assert describe_data(str(class_folders)).as_dict() == {
@@ -171,7 +172,11 @@ def test_train_and_test_folders_of_class_folders_are_splits(tmp_path):
     assert found.layout == "class-folders" and found.classes == ["a", "b", "c"]  # all splits' classes, sorted
     assert found.splits == {"train": 3, "validation": 1, "test": 2} and found.folds is None and found.clips == 6
     train, test = open_source(f"{root}#split=train"), open_source(f"{root}#split=test")
-    assert isinstance(train, ClipSubset) and [train.clip_name(i) for i in range(3)] == ["train0", "train1", "train2"]
+    assert isinstance(train, ClipSubset) and [train.clip_name(i) for i in range(3)] == [
+        "train/a/train0",
+        "train/b/train1",
+        "train/b/train2",
+    ]
     assert train.class_names == test.class_names == ["a", "b", "c"]  # c is in no training clip, yet a class
     assert [test.labels(i) for i in range(2)] == [["a"], ["c"]]
     assert len(open_source(f"{root}#split=test,validation")) == 3
@@ -267,11 +272,11 @@ def test_speech_commands_splits_follow_its_lists_and_noise_is_no_word(speech_com
     found = describe_data(speech_commands)
     assert found.splits == {"train": 4, "validation": 2, "test": 1} and not found.multi_label
     test = open_source(f"{speech_commands}#split=test")
-    assert len(test) == 1 and test.clip_name(0) == "ccc_nohash_0" and test.labels(0) == ["yes"]
+    assert len(test) == 1 and test.clip_name(0) == "yes/ccc_nohash_0" and test.labels(0) == ["yes"]
     validation = open_source(f"{speech_commands}#split=validation")
     assert sorted(validation.clip_path(i).rsplit("/", 2)[-2] for i in range(2)) == ["no", "yes"]
     train = open_source(f"{speech_commands}#split=train")
-    assert sorted(f"{train.labels(i)[0]}/{train.clip_name(i)}" for i in range(4)) == [
+    assert sorted(train.clip_name(i) for i in range(4)) == [  # a speaker's clip of each word: two names apart
         "no/aaa_nohash_0",
         "no/fff_nohash_0",
         "yes/aaa_nohash_0",
@@ -469,3 +474,18 @@ def test_data_layout_is_a_frozen_record():
     }
     with pytest.raises(AttributeError):
         found.clips = 2
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("1-9-A-0.wav,1,0\n", r"esc50.csv, line 52: no category, esc10 \(the line has too few fields\)"),
+        (b"1-9-A-0.wav,1,0,caf\xe9,False,9,A\n", "not UTF-8 text"),
+    ],
+)
+def test_a_damaged_dataset_file_is_one_error_naming_it(esc50, line, message):
+    meta = esc50 / "meta" / "esc50.csv"
+    with open(meta, "ab") as handle:
+        handle.write(line if isinstance(line, bytes) else line.encode())
+    with pytest.raises(DataError, match=message):
+        open_source(esc50)

@@ -275,3 +275,13 @@ def test_dry_run_shows_the_recipe_resolved_from_the_checkpoint(pretrained, new_d
     assert plan["fine_tuning"]["head_kept"] is False and plan["classes"] == 3
     without_data = plan_run("finetune", overrides=[f"model.source={json.dumps(str(pretrained))}"])
     assert without_data.classes == 4 and without_data.fine_tuning.head_kept  # the checkpoint's own classes
+
+
+@pytest.mark.filterwarnings("ignore:MobileNetV3 is not a registered family")
+def test_layer_decay_on_a_model_without_stages_is_refused_before_the_run_writes_anything(new_data, tmp_path):
+    overrides = [*TINY, "model.source=timm:mobilenetv3_small_050", "model.match=5", "train.layer_decay=0.6"]
+    with pytest.raises(TrainError, match=r"needs a model built of stages .* this MobileNetV3 has none"):
+        plan_run(None, new_data["same"], overrides=overrides)  # what --dry-run and dclsify cv check first
+    with pytest.raises(TrainError, match=r"needs a model built of stages"):
+        train(load_recipe(None, overrides), new_data["same"], None, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.json").exists()
