@@ -398,6 +398,7 @@ def _carry_out(study: Study, out: Path, console, stop_after) -> StudyResult:
     if load_recipe(study.recipe, study.overrides).as_dict() != study.resolved:
         raise TrainError(f"the recipe {study.recipe} changed since the study in {out} started: put it back to resume")
     progress = _study_progress(console, len(study.trials))
+    progress.console.print(_plan_line(study.trials), highlight=False)
     runs, interrupted = [], False
     try:
         for number, trial in enumerate(study.trials, start=1):
@@ -442,6 +443,15 @@ def _train_trial(study: Study, trial: Trial, run_dir: Path, progress, stop_after
         stop_after=stop_after,
         **where,
     )
+
+
+def _plan_line(trials: Sequence[Trial]) -> str:
+    """The study's first line: ``5 runs: folds 1, 2, 3, 4, 5 held out in turn, seed 0``."""
+    folds = list(dict.fromkeys(t.fold for t in trials if t.fold is not None))
+    seeds = list(dict.fromkeys(t.seed for t in trials))
+    held_out = f"fold{'s' if len(folds) > 1 else ''} {', '.join(folds)} held out in turn, " if folds else ""
+    seeds_text = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+    return f"{len(trials)} run{'s' if len(trials) > 1 else ''}: {held_out}{seeds_text}"
 
 
 def _what(trial: Trial) -> str:

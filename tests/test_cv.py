@@ -224,6 +224,7 @@ def test_cli_cv_prints_the_table(study, esc50, tmp_path):
     mean = next(line for line in lines if line.split()[:1] == ["mean"])
     assert mean.split()[1:3] == [f"{study.summary.mean['accuracy']:.4f}", f"{study.summary.mean['mAP']:.4f}"]
     assert any(line.startswith("fold 1, seed 0: accuracy") for line in lines)
+    assert lines[0] == "2 runs: folds 1, 2 held out in turn, seed 0"
 
 
 def test_cli_train_seeds_then_resume_prints_the_same_table(esc50, tmp_path):
