@@ -4,12 +4,14 @@ import importlib
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 from test_predict import tone
 from test_train import CLASSES, TINY, make_set
 from typer.testing import CliRunner
 
 from dclsify import bake, convert
+from dclsify.cli import app
 from dclsify.pipeline.frames import FrameError, frame_outputs, head_parts
 from dclsify.pipeline.predict import Tagger
 from dclsify.pipeline.recipe import load_recipe
@@ -43,9 +45,9 @@ FAMILY_MODELS = [
 def test_the_mean_of_the_frame_logits_is_the_clip_logit_where_the_head_is_linear_after_its_norm(name, exact):
     torch.manual_seed(0)
     model = bake(convert(name, {"num_classes": 5}, count=2)).eval()
-    for parameter in model.get_submodule("head").parameters():  # a trained-looking head: away from 1 and 0
-        parameter.data += 0.1 * torch.randn_like(parameter)
-    spectrograms = torch.randn(2, 1, 32, 800)  # the audio stem downsamples time 160-fold: 5 positions
+    for parameter in model.parameters():  # trained-looking weights: frames that differ, norms away from 1 and 0
+        parameter.data += 0.05 * torch.randn_like(parameter)
+    spectrograms = torch.randn(2, 1, 32, 800)  # 4 to 50 time positions, by family
     parts = head_parts(model)
     with torch.no_grad():
         outputs = frame_outputs(model, spectrograms)
@@ -53,17 +55,18 @@ def test_the_mean_of_the_frame_logits_is_the_clip_logit_where_the_head_is_linear
         torch.testing.assert_close(parts.fc(outputs.frame_embeddings), outputs.frame_logits)  # fc(embedding) = logit
         torch.testing.assert_close(parts.fc(outputs.clip_embeddings), outputs.clip_logits)
     positions = outputs.frame_logits.shape[1]
-    assert parts.exact == exact and positions == 5 and outputs.frame_logits.shape == (2, 5, 5)
-    assert outputs.frame_embeddings.shape == (2, 5, parts.embedding_size)
+    assert parts.exact == exact and positions >= 4 and outputs.frame_logits.shape == (2, positions, 5)
+    assert outputs.frame_embeddings.shape == (2, positions, parts.embedding_size)
     assert outputs.clip_embeddings.shape == (2, parts.embedding_size)
     torch.testing.assert_close(outputs.clip_logits, expected, atol=1e-4, rtol=1e-4)  # the model's own output
     gap = (outputs.frame_logits.mean(1) - outputs.clip_logits).abs().max().item()
     spread = (outputs.frame_logits - outputs.clip_logits[:, None]).abs().max().item()
+    print(f"{name}: mean of the frame logits - clip logit {gap:.3g}, frame - clip {spread:.3g}")
     assert spread > 1e-2  # the frames differ from the clip: the test could fail
     if exact:
         assert gap < 1e-5 * max(1.0, outputs.clip_logits.abs().max().item())
     else:
-        assert 1e-5 < gap < spread / 2  # the MLP is not linear: nearer the clip than the frames are, not equal
+        assert gap > 1e-3 * max(1.0, outputs.clip_logits.abs().max().item())  # the MLP is not linear: not equal
 
 
 def test_a_head_that_does_not_average_is_refused():
@@ -141,3 +144,35 @@ def test_the_hear_validator_passes_where_it_is_installed(tagger_checkpoint, monk
     validate = pytest.importorskip("hearvalidator.validate")
     monkeypatch.setattr(validate.ValidateModel, "ACCEPTABLE_SAMPLE_RATE", [8000])  # the tiny model's rate
     validate.ValidateModel("dclsify.hear", str(tagger_checkpoint), device="cpu")()
+
+
+def test_embed_command_writes_clip_or_frame_embeddings_in_an_npz(tagger_checkpoint, tmp_path):
+    folder = tmp_path / "sounds"
+    folder.mkdir()
+    soundfile.write(folder / "a_low.wav", tone(300, 8000, 0.5), 8000)
+    soundfile.write(folder / "b_middle.wav", tone(1000, 8000, 1.2), 8000)
+    (folder / "c_broken.wav").write_bytes(b"not a sound")
+    output = tmp_path / "out" / "emb.npz"
+    result = runner.invoke(app, ["embed", str(tagger_checkpoint), str(folder), "-o", str(output), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "c_broken.wav: unreadable" in result.output and "embeddings of 2 files (320 values each)" in result.output
+    tagger = Tagger(tagger_checkpoint, "cpu")
+    with np.load(output) as data:
+        assert sorted(data.files) == ["embeddings", "names"]
+        assert list(data["names"]) == [str(folder / "a_low.wav"), str(folder / "b_middle.wav")]
+        assert data["embeddings"].shape == (2, 320) and data["embeddings"].dtype == np.float32
+        np.testing.assert_allclose(data["embeddings"][1], tagger.embed(folder / "b_middle.wav"), atol=1e-6)
+    frames = tmp_path / "frames.npz"
+    options = ["-o", str(frames), "--frames", "--step", "0.1"]
+    result = runner.invoke(app, ["embed", str(tagger_checkpoint), str(folder / "b_middle.wav"), *options])
+    assert result.exit_code == 0, result.output
+    with np.load(frames) as data:
+        assert sorted(data.files) == ["embeddings_0", "names", "timestamps_0"]
+        np.testing.assert_allclose(data["timestamps_0"], np.arange(12) * 0.1)
+        assert data["embeddings_0"].shape == (12, 320) and data["embeddings_0"].dtype == np.float32
+    broken = runner.invoke(app, ["embed", str(tagger_checkpoint), str(folder / "c_broken.wav"), "-o", str(output)])
+    assert broken.exit_code == 1 and "nothing written" in broken.output and "Traceback" not in broken.output
+    with np.load(output) as data:  # the earlier file is untouched
+        assert data["embeddings"].shape == (2, 320)
+    bad_step = runner.invoke(app, ["embed", str(tagger_checkpoint), str(folder), "-o", str(frames), "--step", "0"])
+    assert bad_step.exit_code == 1 and "--step must be positive" in bad_step.output
