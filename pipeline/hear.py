@@ -1,6 +1,6 @@
 """The HEAR 2021 API (https://hearbenchmark.com/hear-api.html) over a dclsify checkpoint, as ``dclsify.hear``.
 
-``load_model(path)`` gives a torch module with ``sample_rate`` (the checkpoint's),
+``load_model(path)`` gives a torch module with ``sample_rate`` (a HEAR rate, see :func:`hear_rate`),
 ``scene_embedding_size`` and ``timestamp_embedding_size`` (both the input size of the head's last
 linear layer); ``get_scene_embeddings(audio, model)`` gives (sounds, scene_embedding_size) clip
 embeddings and ``get_timestamp_embeddings(audio, model)`` (sounds, timestamps,
@@ -20,6 +20,14 @@ from torch import Tensor, nn
 
 from .predict import Tagger
 
+HEAR_RATES = (16000, 22050, 44100, 48000)  # the rates the HEAR tasks come at (the validator takes no other)
+
+
+def hear_rate(model_rate: int) -> int:
+    """The HEAR rate to take audio at for a model trained at ``model_rate``: the lowest that loses nothing
+    (32 kHz: 44.1 kHz), or 48 kHz; the audio is resampled to the model's rate as any waveform is."""
+    return next((rate for rate in HEAR_RATES if rate >= model_rate), HEAR_RATES[-1])
+
 
 class HearModel(nn.Module):
     """A :class:`~dclsify.pipeline.predict.Tagger` as the module the HEAR API passes around.
@@ -30,7 +38,7 @@ class HearModel(nn.Module):
         super().__init__()
         self.tagger = tagger
         self.model, self.frontend = tagger.model, tagger.frontend  # submodules: .to(device) moves them
-        self.sample_rate = tagger.audio.sample_rate
+        self.sample_rate = hear_rate(tagger.audio.sample_rate)
         self.scene_embedding_size = self.timestamp_embedding_size = tagger.embedding_size
         self.timestamp_step = timestamp_step
 
