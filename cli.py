@@ -1161,9 +1161,10 @@ def embed_command(
 ) -> None:
     """Embed sounds with a trained model: what the head's last linear layer sees, in an .npz.
 
-    Without --frames: `names` (files,) the paths and `embeddings` (files x size) float32, row i for names[i].
-    With --frames: `names`, and for the i-th file `embeddings_i` (frames x size) float32 and `timestamps_i`
-    (frames,) the seconds where each frame starts. Read it with numpy.load(PATH).
+    Without --frames: `names` (the files' paths) and `embeddings` (files x size, float32), a row per name.
+
+    With --frames: `names`, and for the i-th file `embeddings_i` (frames x size, float32) and `timestamps_i`
+    (the seconds where each frame starts). Read it with numpy.load.
     """
     from rich.progress import Progress
 
