@@ -10,13 +10,14 @@ from test_predict import tone
 from test_train import CLASSES, TINY, make_set
 from typer.testing import CliRunner
 
-from dclsify import bake, convert
+from dclsify import bake, convert, save
 from dclsify.cli import app
 from dclsify.pipeline.frames import FrameError, frame_outputs, head_parts
 from dclsify.pipeline.hear import hear_rate
 from dclsify.pipeline.predict import Tagger
 from dclsify.pipeline.recipe import load_recipe
 from dclsify.pipeline.train import train
+from dclsify.surgery.audio import AudioConfig
 
 runner = CliRunner()
 
@@ -97,6 +98,28 @@ def test_frame_scores_of_a_trained_tagger_follow_its_sound_and_pool_to_its_clip_
     assert joined.frame_logits.shape[0] == len(position_times) and np.all(np.diff(position_times) > 0)
     with pytest.raises(ValueError, match="step must be positive"):
         tagger.frames(sound, sample_rate=8000, step=0)
+
+
+@pytest.mark.parametrize("name", ["mambaout_femto", "fastvit_t8"])
+def test_a_checkpoint_of_another_family_gives_frames_and_embeddings(name, tmp_path):
+    """Channels-last MambaOut (an MLP head) and FastViT through the Tagger: a saved checkpoint, baked on load."""
+    torch.manual_seed(0)
+    audio = AudioConfig(sample_rate=8000, seconds=1.0, n_fft=256, hop_length=64, n_mels=32)
+    path = save(convert(name, {"num_classes": 3}, count=2), tmp_path / "model.safetensors", ["a", "b", "c"], audio)
+    tagger = Tagger(path, "cpu")
+    sound = tone(500, 8000, 2.5)
+    frames = tagger.frames(sound, sample_rate=8000, step=0.1)
+    assert frames.scores.shape == (3, 25) and np.all((frames.scores > 0) & (frames.scores < 1))
+    clip = torch.from_numpy(np.round(sound[:8000] * 32767).astype(np.int16))
+    outputs = tagger.outputs([clip])
+    np.testing.assert_allclose(torch.sigmoid(outputs.clip_logits), tagger.score([clip]), atol=1e-5)
+    times, embeddings = tagger.embed(sound, sample_rate=8000, frames=True, step=0.1)
+    assert embeddings.shape == (25, tagger.embedding_size) and tagger.embedding_size == (
+        1152 if "mamba" in name else 768
+    )
+    with torch.no_grad():  # fc(frame embedding) is the frame logit
+        logits = head_parts(tagger.model).fc(torch.from_numpy(embeddings))
+    np.testing.assert_allclose(torch.sigmoid(logits).T, frames.scores, atol=1e-5)
 
 
 def test_embeddings_are_what_the_classifier_sees(tagger_checkpoint):
