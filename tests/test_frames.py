@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from test_import_convformer import ConvFormerAudio, randomise
 from test_predict import tone
 from test_train import CLASSES, TINY, make_set
 from typer.testing import CliRunner
 
-from dclsify import bake, convert, save
+from dclsify import bake, convert, import_checkpoint, save
 from dclsify.cli import app
 from dclsify.pipeline.frames import FrameError, frame_outputs, head_parts
 from dclsify.pipeline.hear import hear_rate
@@ -120,6 +121,23 @@ def test_a_checkpoint_of_another_family_gives_frames_and_embeddings(name, tmp_pa
     with torch.no_grad():  # fc(frame embedding) is the frame logit
         logits = head_parts(tagger.model).fc(torch.from_numpy(embeddings))
     np.testing.assert_allclose(torch.sigmoid(logits).T, frames.scores, atol=1e-5)
+
+
+def test_an_imported_dcls_audio_convformer_gives_frames_and_hear_embeddings(tmp_path):
+    """The paper's ConvFormer layout (MLP head, its norm's eps 1e-5), imported: 10-s clips at 32 kHz, 527 classes."""
+    torch.save({"model": randomise(ConvFormerAudio(False)).state_dict()}, tmp_path / "released.pth")
+    model = import_checkpoint(tmp_path / "released.pth")
+    path = save(model, tmp_path / "audio.safetensors", model.class_names, model.audio, model.multi_label)
+    tagger = Tagger(path, "cpu")
+    noise = torch.from_numpy(np.random.default_rng(0).uniform(-0.5, 0.5, 320000).astype(np.float32))
+    outputs = tagger.outputs([noise])
+    np.testing.assert_allclose(torch.sigmoid(outputs.clip_logits), tagger.score([noise]), atol=1e-5)
+    assert outputs.clip_embeddings.shape == (1, 2048) and head_parts(tagger.model).hidden[2].eps == 1e-5  # its own
+    frames = tagger.frames(noise, sample_rate=32000)
+    assert frames.scores.shape == (527, 1000) and frames.times[1] == 0.01
+    hear = importlib.import_module("dclsify.hear")
+    model = hear.load_model(path)
+    assert model.sample_rate == 44100 and model.scene_embedding_size == model.timestamp_embedding_size == 2048
 
 
 def test_embeddings_are_what_the_classifier_sees(tagger_checkpoint):
