@@ -7,6 +7,10 @@ window is scored (sigmoids, or a softmax for a single-label model) and the windo
 scores are pooled (max or mean) into the sound's. Windows are scored in batches, across
 files too (a folder of clips each one window long still fills the batches), on the GPU
 where torch sees one.
+
+:meth:`Tagger.frames` gives scores per time step instead (the head at each time position of the
+model's last feature map, :mod:`~dclsify.pipeline.frames`), :meth:`Tagger.embed` what the head's
+last linear layer sees, per sound or per time step.
 """
 
 from __future__ import annotations
@@ -210,16 +214,19 @@ class Tagger:
         )
         return np.concatenate(times), joined
 
-    def _grid(
-        self, position_times: np.ndarray, seconds: float, step: float | None
-    ) -> tuple[float, np.ndarray, np.ndarray]:
-        """Frame times ``step`` apart (default: the front-end's hop) over ``seconds``, and the position of each."""
+    def _step(self, step: float | None) -> float:
+        """Seconds between frames: ``step``, by default the front-end's hop."""
         step = self.audio.hop_length / self.audio.sample_rate if step is None else step
         if step <= 0:
             raise ValueError(f"the step must be positive, got {step:g}")
+        return step
+
+    @staticmethod
+    def _grid(position_times: np.ndarray, seconds: float, step: float) -> tuple[np.ndarray, np.ndarray]:
+        """Frame times ``step`` apart over ``seconds``, and the position each falls in."""
         times = np.arange(max(1, int(np.ceil(seconds / step - 1e-9)))) * step
         index = np.clip(np.searchsorted(position_times, times + 1e-9, side="right") - 1, 0, len(position_times) - 1)
-        return step, times, index
+        return times, index
 
     def frames(self, sound, sample_rate: int | None = None, step: float | None = None) -> Frames:
         """Frame scores of a sound (a path, or a waveform with its rate): the head at each time position of
@@ -229,10 +236,10 @@ class Tagger:
         Sigmoids (a softmax over classes for a single-label model) of the frame logits of
         :func:`~dclsify.pipeline.frames.frame_outputs`. A long sound is cut into windows one clip apart
         (the last flush with its end, its positions that overlap the one before it left out)."""
-        mono, source = self.mono(sound, sample_rate)
+        step, (mono, source) = self._step(step), self.mono(sound, sample_rate)
         seconds = len(mono) / self.audio.sample_rate
         position_times, outputs = self._positions(mono)
-        step, times, index = self._grid(position_times, seconds, step)
+        times, index = self._grid(position_times, seconds, step)
         logits = outputs.frame_logits[torch.from_numpy(index)]
         scores = torch.sigmoid(logits) if self.multi_label else logits.softmax(-1)
         return Frames(source, seconds, step, times, scores.T.numpy(), self.class_names)
@@ -246,11 +253,11 @@ class Tagger:
         ``frames=False``: the clip embedding (embedding_size,), the mean over the sound's windows (one clip
         apart). ``frames=True``: ``(times, embeddings)``, the frame embeddings (frames, embedding_size)
         read every ``step`` seconds (default: the front-end's hop) at ``times`` (seconds), as :meth:`frames`."""
-        mono, _ = self.mono(sound, sample_rate)
+        step, (mono, _) = self._step(step), self.mono(sound, sample_rate)
         position_times, outputs = self._positions(mono)
         if not frames:
             return outputs.clip_embeddings.mean(0).numpy()
-        _, times, index = self._grid(position_times, len(mono) / self.audio.sample_rate, step)
+        times, index = self._grid(position_times, len(mono) / self.audio.sample_rate, step)
         return times, outputs.frame_embeddings[torch.from_numpy(index)].numpy()
 
     @property
