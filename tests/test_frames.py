@@ -1,6 +1,9 @@
 """Frame scores and embeddings: the head at each time position, what holds exactly per family, the HEAR API."""
 
 import importlib
+import importlib.util
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -183,9 +186,15 @@ def test_the_hear_api_gives_shapes_dtypes_and_milliseconds_and_each_sound_alone(
         hear.get_scene_embeddings(audio[0], model)
 
 
-def test_the_hear_validator_passes_where_it_is_installed(tagger_checkpoint):
-    validate = pytest.importorskip("hearvalidator.validate")  # it needs tensorflow: not a test dependency
-    validate.ValidateModel("dclsify.hear", str(tagger_checkpoint), device="cpu")()
+def test_the_hear_validator_passes_where_it_is_installed(tagger_checkpoint, monkeypatch):
+    """hearvalidator 2021.0.2 imports tensorflow at its top, for its tensorflow checks only: where tensorflow is
+    missing (``pip install --no-deps hearvalidator``), a stand-in lets its torch checks run."""
+    pytest.importorskip("hearvalidator")
+    if importlib.util.find_spec("tensorflow") is None:
+        monkeypatch.setitem(sys.modules, "tensorflow", types.SimpleNamespace(Module=type("Module", (), {})))
+    monkeypatch.delitem(sys.modules, "hearvalidator.validate", raising=False)
+    validate = importlib.import_module("hearvalidator.validate")
+    validate.ValidateModel("dclsify.hear", str(tagger_checkpoint), device="cpu")()  # raises ModelError on a fault
 
 
 def test_embed_command_writes_clip_or_frame_embeddings_in_an_npz(tagger_checkpoint, tmp_path):
