@@ -34,7 +34,7 @@ def tagger_checkpoint(tmp_path_factory):  # test_predict's: a tiny ConvNeXt that
     return result.run_dir / "last.safetensors"
 
 
-# The smallest model of each family the project rewrites, and whether its head is linear after the pooling.
+# The smallest model of each family the project rewrites, and whether its head is linear after its pooling and norm.
 FAMILY_MODELS = [
     ("convmixer_768_32", True),
     ("convnext_atto", True),
