@@ -1145,6 +1145,60 @@ def predict_command(
         fail("no sound could be read")
 
 
+@app.command("embed")
+def embed_command(
+    checkpoint: Path = typer.Argument(..., help="A trained dclsify checkpoint (e.g. a run's best.safetensors)."),
+    sounds: list[Path] = typer.Argument(..., help="Sound files, or folders of them (searched recursively)."),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="The .npz to write (replaced as a whole, never half-written)."
+    ),
+    frames: bool = typer.Option(False, "--frames", help="Time-stamped frame embeddings instead of one per file."),
+    step: float | None = typer.Option(
+        None, help="Seconds between frames with --frames (default: the front-end's hop)."
+    ),
+    device: str = typer.Option("auto", help="auto (cuda where torch sees a GPU), cpu, cuda, cuda:1, ..."),
+    trust_code: bool = typer.Option(False, "--trust-code", help="Allow a file: model source to run its Python file."),
+) -> None:
+    """Embed sounds with a trained model: what the head's last linear layer sees, in an .npz.
+
+    Without --frames: `names` (the files' paths) and `embeddings` (files x size, float32), a row per name.
+
+    With --frames: `names`, and for the i-th file `embeddings_i` (frames x size, float32) and `timestamps_i`
+    (the seconds where each frame starts). Read it with numpy.load.
+    """
+    from rich.progress import Progress
+
+    from dclsify.pipeline.embed import embed_files
+    from dclsify.pipeline.predict import Tagger, audio_files
+    from dclsify.pipeline.sources import AUDIO_EXTENSIONS
+    from dclsify.surgery.checkpoint import CheckpointError
+
+    if device != "auto":
+        _check_device(device)
+    if step is not None and step <= 0:
+        fail(f"--step must be positive, got {step:g}")
+    try:
+        tagger = Tagger(checkpoint, device, trust_code=trust_code)
+    except (CheckpointError, ValueError) as error:
+        fail(str(error))
+    paths = audio_files(sounds)
+    if not paths:
+        fail(f"no sound files ({', '.join(AUDIO_EXTENSIONS)}) in {', '.join(map(str, sounds))}")
+    quiet = len(paths) < 2 or not console.is_terminal  # a bar in piped output is a stray line
+    with Progress(console=console, transient=True, disable=quiet) as bar:
+        task = bar.add_task("embedding", total=len(paths))
+        try:
+            report = embed_files(tagger, paths, output, frames, step, lambda done, _: bar.update(task, completed=done))
+        except OSError as error:
+            fail(f"cannot write {output}: {error.strerror or error}")
+    for path, reason in report.failures:
+        console.print(f"[yellow]warning:[/] {escape(path)}: {escape(reason)}", soft_wrap=True)
+    if not report.written:
+        fail("no sound could be read; nothing written")
+    kind = "frame embeddings" if frames else "embeddings"
+    console.print(f"{kind} of {report.written} files ({report.embedding_size} values each) in {escape(str(output))}")
+
+
 @app.command("export")
 def export_command(
     checkpoint: Path = typer.Argument(..., help="A dclsify checkpoint (e.g. a run's best.safetensors)."),

@@ -7,6 +7,10 @@ window is scored (sigmoids, or a softmax for a single-label model) and the windo
 scores are pooled (max or mean) into the sound's. Windows are scored in batches, across
 files too (a folder of clips each one window long still fills the batches), on the GPU
 where torch sees one.
+
+:meth:`Tagger.frames` gives scores per time step instead (the head at each time position of the
+model's last feature map, :mod:`~dclsify.pipeline.frames`), :meth:`Tagger.embed` what the head's
+last linear layer sees, per sound or per time step.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from ..surgery.audio import AudioConfig
 from ..surgery.checkpoint import load
 from ..surgery.dcls import bake
+from .frames import FrameOutputs, frame_outputs, head_parts
 from .frontend import LogMel
 from .sources import AUDIO_EXTENSIONS, ClipError, numbered_classes, read_mono, resample, to_clip
 
@@ -58,6 +63,19 @@ class Prediction:
     def as_dict(self, k: int = 5, threshold: float | None = None) -> dict:
         labels = [{"label": name, "score": score} for name, score in self.top(k, threshold)]
         return {"source": self.source, "seconds": self.seconds, "windows": self.windows, "labels": labels}
+
+
+@dataclass
+class Frames:
+    """The frame scores of one sound: ``scores`` (classes x frames) at ``times`` (seconds, where each
+    frame starts, ``step`` apart), the head applied at each time position of the model's last feature map."""
+
+    source: str
+    seconds: float
+    step: float
+    times: np.ndarray
+    scores: np.ndarray
+    class_names: list[str]
 
 
 def audio_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -155,6 +173,96 @@ class Tagger:
             logits = self.model(self.frontend(torch.stack(batch).to(self.device))).float()
             scores.append(torch.sigmoid(logits) if self.multi_label else logits.softmax(-1))
         return torch.cat(scores).cpu() if scores else torch.zeros(0, len(self.class_names))  # one wait, at the end
+
+    @torch.inference_mode()
+    def outputs(self, clips: Iterable[torch.Tensor]) -> FrameOutputs:
+        """int16 clips of the model's length -> their clip and frame logits and embeddings (see
+        :func:`~dclsify.pipeline.frames.frame_outputs`), float32 on the CPU, ``batch_size`` at a time."""
+        clips, parts = iter(clips), head_parts(self.model)
+        batches = []
+        while batch := list(itertools.islice(clips, self.batch_size)):
+            outputs = frame_outputs(self.model, self.frontend(torch.stack(batch).to(self.device)), parts)
+            batches.append([tensor.float() for tensor in vars(outputs).values()])
+        return FrameOutputs(*(torch.cat(tensors).cpu() for tensors in zip(*batches, strict=True)))
+
+    def _positions(self, mono: np.ndarray) -> tuple[np.ndarray, FrameOutputs]:
+        """The outputs of the windows of ``mono`` one clip apart (the last flush with the end), and the
+        time (seconds) where each of their positions starts; each position covers an equal share of its window.
+
+        The frame outputs are joined: (positions, ...) over the whole sound, where the last window's positions
+        that start before the previous window ends are left out."""
+        length = self.audio.samples
+        sound = torch.from_numpy(to_clip(mono, max(len(mono), length)))
+        starts = list(range(0, len(sound) - length + 1, length))
+        if starts[-1] + length < len(sound):
+            starts.append(len(sound) - length)
+        outputs = self.outputs(sound[start : start + length] for start in starts)
+        positions = outputs.frame_logits.shape[1]
+        share = self.audio.seconds / positions
+        times, keep = [], []
+        for index, start in enumerate(np.array(starts) / self.audio.sample_rate):
+            window_times = start + share * np.arange(positions)
+            after = times[-1][-1] + share if times else 0.0  # where the previous window's positions end
+            mask = window_times >= after - 1e-9
+            times.append(window_times[mask])
+            keep.append((index, torch.from_numpy(mask)))
+        joined = FrameOutputs(
+            torch.cat([outputs.frame_logits[i][mask] for i, mask in keep]),
+            outputs.clip_logits,
+            torch.cat([outputs.frame_embeddings[i][mask] for i, mask in keep]),
+            outputs.clip_embeddings,
+        )
+        return np.concatenate(times), joined
+
+    def _step(self, step: float | None) -> float:
+        """Seconds between frames: ``step``, by default the front-end's hop."""
+        step = self.audio.hop_length / self.audio.sample_rate if step is None else step
+        if step <= 0:
+            raise ValueError(f"the step must be positive, got {step:g}")
+        return step
+
+    @staticmethod
+    def _grid(position_times: np.ndarray, seconds: float, step: float) -> tuple[np.ndarray, np.ndarray]:
+        """Frame times ``step`` apart over ``seconds``, and the position each falls in."""
+        times = np.arange(max(1, int(np.ceil(seconds / step - 1e-9)))) * step
+        index = np.clip(np.searchsorted(position_times, times + 1e-9, side="right") - 1, 0, len(position_times) - 1)
+        return times, index
+
+    def frames(self, sound, sample_rate: int | None = None, step: float | None = None) -> Frames:
+        """Frame scores of a sound (a path, or a waveform with its rate): the head at each time position of
+        the last feature map (pooled over frequency), held over the position's share of the window and read
+        every ``step`` seconds (default: the front-end's hop), as PANNs' frame-wise output.
+
+        Sigmoids (a softmax over classes for a single-label model) of the frame logits of
+        :func:`~dclsify.pipeline.frames.frame_outputs`. A long sound is cut into windows one clip apart
+        (the last flush with its end, its positions that overlap the one before it left out)."""
+        step, (mono, source) = self._step(step), self.mono(sound, sample_rate)
+        seconds = len(mono) / self.audio.sample_rate
+        position_times, outputs = self._positions(mono)
+        times, index = self._grid(position_times, seconds, step)
+        logits = outputs.frame_logits[torch.from_numpy(index)]
+        scores = torch.sigmoid(logits) if self.multi_label else logits.softmax(-1)
+        return Frames(source, seconds, step, times, scores.T.numpy(), self.class_names)
+
+    def embed(
+        self, sound, sample_rate: int | None = None, frames: bool = False, step: float | None = None
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """The embedding of a sound (a path, or a waveform with its rate): what the last linear layer of the
+        head sees (see :mod:`~dclsify.pipeline.frames`), float32.
+
+        ``frames=False``: the clip embedding (embedding_size,), the mean over the sound's windows (one clip
+        apart). ``frames=True``: ``(times, embeddings)``, the frame embeddings (frames, embedding_size)
+        read every ``step`` seconds (default: the front-end's hop) at ``times`` (seconds), as :meth:`frames`."""
+        step, (mono, _) = self._step(step), self.mono(sound, sample_rate)
+        position_times, outputs = self._positions(mono)
+        if not frames:
+            return outputs.clip_embeddings.mean(0).numpy()
+        times, index = self._grid(position_times, len(mono) / self.audio.sample_rate, step)
+        return times, outputs.frame_embeddings[torch.from_numpy(index)].numpy()
+
+    @property
+    def embedding_size(self) -> int:
+        return head_parts(self.model).embedding_size
 
     def _prediction(self, source: str, seconds: float, starts: list[int], scores: torch.Tensor) -> Prediction:
         pooled = scores.amax(0) if self.pooling == "max" else scores.mean(0)

@@ -11,8 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]  # the checkout is the dclsify package
 PACKAGE = "dclsify"
 # The layers, lowest first: a module may import its own layer and those below. The version module
-# stands below them all; the package root (its public names) and __main__ above them all.
-LAYERS = {"_version": 0, "backbones": 1, "surgery": 2, "pipeline": 3, "cli": 4, "": 4, "__main__": 5}
+# stands below them all; the package root (its public names), hear (the HEAR API by its module name) and
+# __main__ above them all.
+LAYERS = {"_version": 0, "backbones": 1, "surgery": 2, "pipeline": 3, "cli": 4, "hear": 4, "": 4, "__main__": 5}
 # The only places that may import the package's own modules inside a function: the CLI's commands
 # (so that `dclsify --help` loads no torch) and the root's lazy attributes (PEP 562 __getattr__).
 LAZY_ALLOWED = {("cli", None), ("", "__getattr__")}
