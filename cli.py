@@ -1169,6 +1169,7 @@ def embed_command(
     from rich.progress import Progress
 
     from dclsify.pipeline.embed import embed_files
+    from dclsify.pipeline.frames import FrameError
     from dclsify.pipeline.predict import Tagger, audio_files
     from dclsify.pipeline.sources import AUDIO_EXTENSIONS
     from dclsify.surgery.checkpoint import CheckpointError
@@ -1177,6 +1178,10 @@ def embed_command(
         _check_device(device)
     if step is not None and step <= 0:
         fail(f"--step must be positive, got {step:g}")
+    if step is not None and not frames:
+        fail("--step is the time between frames: it goes with --frames")
+    if output.is_dir():
+        fail(f"cannot write {output}: it is a folder")
     try:
         tagger = Tagger(checkpoint, device, trust_code=trust_code)
     except (CheckpointError, ValueError) as error:
@@ -1191,6 +1196,8 @@ def embed_command(
             report = embed_files(tagger, paths, output, frames, step, lambda done, _: bar.update(task, completed=done))
         except OSError as error:
             fail(f"cannot write {output}: {error.strerror or error}")
+        except FrameError as error:  # a head frame outputs do not know: found before any sound is read
+            fail(str(error))
     for path, reason in report.failures:
         console.print(f"[yellow]warning:[/] {escape(path)}: {escape(reason)}", soft_wrap=True)
     if not report.written:

@@ -42,7 +42,9 @@ def embed_files(
     """Embed each file with ``tagger`` and write the .npz (layout in the module's doc) atomically.
 
     A file that cannot be read is left out and reported; where none can be read nothing is written
-    (``written`` is 0). ``progress(done, total)`` is called after each file."""
+    (``written`` is 0). ``progress(done, total)`` is called after each file. A head that frame outputs do
+    not know is a :class:`~dclsify.pipeline.frames.FrameError` before any file is read."""
+    size = tagger.embedding_size  # a head that frame outputs do not know (FrameError) fails before any file
     paths = [str(path) for path in paths]
     names, arrays, failures = [], {}, []
     for done, path in enumerate(paths, 1):
@@ -60,7 +62,7 @@ def embed_files(
             names.append(path)
         if progress is not None:
             progress(done, len(paths))
-    report = EmbedReport(Path(output), len(names), tagger.embedding_size, failures)
+    report = EmbedReport(Path(output), len(names), size, failures)
     if not names:
         return report
     if not frames:

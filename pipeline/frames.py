@@ -59,7 +59,11 @@ def _check_average(pool: nn.Module | str) -> None:
 
 
 def _norm_or_none(norm: nn.Module | None) -> nn.Module | None:
-    return None if norm is None or isinstance(norm, nn.Identity) else norm
+    if norm is None or isinstance(norm, nn.Identity):
+        return None
+    if not isinstance(norm, nn.LayerNorm):  # timm's LayerNorm2d is one; an RMS norm does not centre
+        raise FrameError(f"frame scores know heads with a LayerNorm, not a {type(norm).__name__}")
+    return norm
 
 
 def head_parts(model: nn.Module) -> HeadParts:

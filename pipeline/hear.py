@@ -41,6 +41,7 @@ class HearModel(nn.Module):
         self.sample_rate = hear_rate(tagger.audio.sample_rate)
         self.scene_embedding_size = self.timestamp_embedding_size = tagger.embedding_size
         self.timestamp_step = timestamp_step
+        self.eval()  # as the model inside it: an embedding module, never trained here
 
     def _apply(self, fn, recurse=True):  # .to(device) / .cuda(): the tagger follows the model
         result = super()._apply(fn, recurse)

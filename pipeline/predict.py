@@ -190,7 +190,8 @@ class Tagger:
         time (seconds) where each of their positions starts; each position covers an equal share of its window.
 
         The frame outputs are joined: (positions, ...) over the whole sound, where the last window's positions
-        that start before the previous window ends are left out."""
+        that end before the previous window ends are left out (the first one kept may start inside it: the
+        times it covers past the previous window are its)."""
         length = self.audio.samples
         sound = torch.from_numpy(to_clip(mono, max(len(mono), length)))
         starts = list(range(0, len(sound) - length + 1, length))
@@ -203,7 +204,7 @@ class Tagger:
         for index, start in enumerate(np.array(starts) / self.audio.sample_rate):
             window_times = start + share * np.arange(positions)
             after = times[-1][-1] + share if times else 0.0  # where the previous window's positions end
-            mask = window_times >= after - 1e-9
+            mask = window_times + share > after + 1e-9
             times.append(window_times[mask])
             keep.append((index, torch.from_numpy(mask)))
         joined = FrameOutputs(

@@ -227,3 +227,39 @@ def test_embed_command_writes_clip_or_frame_embeddings_in_an_npz(tagger_checkpoi
         assert data["embeddings"].shape == (2, 320)
     bad_step = runner.invoke(app, ["embed", str(tagger_checkpoint), str(folder), "-o", str(frames), "--step", "0"])
     assert bad_step.exit_code == 1 and "--step must be positive" in bad_step.output
+
+
+def test_the_frames_of_a_long_sound_each_come_from_the_position_that_covers_them(tagger_checkpoint):
+    """A sound of 2.65 clips: windows at 0, 1 and 1.65 clips (the last flush with the end); where the last
+    window overlaps the one before, each time still takes a position whose span holds it."""
+    tagger = Tagger(tagger_checkpoint, "cpu")
+    seconds = 2.65 * tagger.audio.seconds
+    mono = 0.1 * np.random.default_rng(0).standard_normal(round(seconds * tagger.audio.sample_rate)).astype(np.float32)
+    position_times, _ = tagger._positions(mono)
+    share = position_times[1] - position_times[0]
+    times, index = tagger._grid(position_times, seconds, tagger._step(None))
+    starts = position_times[index]
+    assert np.all(starts <= times + 1e-9) and np.all(times < starts + share - 1e-9)  # every time in its position
+    assert np.all(np.diff(position_times) > 0) and position_times[-1] + share == pytest.approx(seconds)
+
+
+def test_a_head_with_an_rms_norm_is_refused_not_taken_for_a_layer_norm():
+    model = convert("timm:convnext_atto_rms", kernel=9, count=5, stem="4x4", num_classes=3, input_size=(32, 63))
+    with pytest.raises(FrameError, match="frame scores know heads with a LayerNorm, not a RmsNorm2d"):
+        head_parts(model)
+
+
+def test_embed_command_errors_before_reading_any_sound(tagger_checkpoint, tmp_path):
+    sound = tmp_path / "a.wav"
+    soundfile.write(sound, tone(300, 8000, 0.5), 8000)
+    step = runner.invoke(
+        app, ["embed", str(tagger_checkpoint), str(sound), "-o", str(tmp_path / "e.npz"), "--step", "0.1"]
+    )
+    assert step.exit_code == 1 and "--step is the time between frames: it goes with --frames" in step.output
+    folder = runner.invoke(app, ["embed", str(tagger_checkpoint), str(sound), "-o", str(tmp_path)])
+    assert folder.exit_code == 1 and "it is a folder" in folder.output
+
+
+def test_the_hear_model_is_in_eval_mode(tagger_checkpoint):
+    model = importlib.import_module("dclsify.hear").load_model(str(tagger_checkpoint))
+    assert not model.training and not any(module.training for module in model.modules())
