@@ -29,7 +29,7 @@ from ..surgery.files import atomic_path
 from .datasets import describe_data, open_source, parse_selector, split_selector
 from .plan import plan_run
 from .recipe import load_recipe
-from .train import TrainError, TrainResult, train
+from .train import TrainError, TrainResult, check_same_classes, train
 
 STUDY_FILE = "study.json"
 SUMMARY_METRICS = ("accuracy", "mAP", "mAUC", "d_prime")
@@ -198,13 +198,14 @@ def parse_seeds(text: str | Sequence[int]) -> list[int]:
     return seeds
 
 
-def fold_plan(data: str, folds: str = "all", fold_seed: int = 0, **where) -> tuple[str, list[str]]:
+def fold_plan(data: str, folds: str = "all", fold_seed: int = 0, **where) -> tuple[str, list[str], list[str]]:
     """Where the folds of ``data`` come from, and which are held out in turn.
 
     A dataset that comes with folds (ESC-50: 5, UrbanSound8K: 10) uses them: ``folds`` is ``all`` or a
     list of its fold names (``1,2,3``). For other data (a folder of class folders, a manifest, an HDF5
     file, a split such as ``ROOT#split=train``), ``folds`` is their number k: k stratified folds are made
-    from ``fold_seed`` (the ``kfold`` selector). Returns the data with that selector and the held-out folds.
+    from ``fold_seed`` (the ``kfold`` selector). Returns the data with that selector, the held-out folds
+    and all its folds.
     ``where``: ``audio_dir`` and ``classes``, as :func:`~dclsify.pipeline.datasets.open_source` takes them.
     """
     path, selector = _selector_of(data)
@@ -216,7 +217,7 @@ def fold_plan(data: str, folds: str = "all", fold_seed: int = 0, **where) -> tup
     if layout.folds:
         names = list(layout.folds)
         if folds == "all":
-            return data, names
+            return data, names, names
         chosen = [f.strip() for f in folds.split(",") if f.strip()]
         missing = [f for f in chosen if f not in layout.folds]
         if missing or not chosen:
@@ -224,7 +225,7 @@ def fold_plan(data: str, folds: str = "all", fold_seed: int = 0, **where) -> tup
                 f"{data} has no fold {', '.join(missing) or repr(folds)}: its folds are {', '.join(names)} "
                 "(--folds all, or some of them: 1,2,3)"
             )
-        return data, chosen
+        return data, chosen, names
     if folds == "all":
         raise TrainError(
             f"{data} ({layout.layout}) comes without folds: give their number, --folds 5, to make that many "
@@ -239,7 +240,8 @@ def fold_plan(data: str, folds: str = "all", fold_seed: int = 0, **where) -> tup
     if not 2 <= count <= layout.clips:
         raise TrainError(f"--folds {count}: k-fold cross-validation needs 2 to {layout.clips} folds here")
     made = _with_selector(path, {**selector, "kfold": str(count), "kfold_seed": str(fold_seed)})
-    return made, [str(k) for k in range(1, count + 1)]
+    names = [str(k) for k in range(1, count + 1)]
+    return made, names, names
 
 
 def _selector_of(data: str) -> tuple[str, dict[str, str]]:
@@ -255,9 +257,8 @@ def _with_selector(path: str, selector: dict[str, str]) -> str:
     return path + ("#" + "&".join(f"{k}={v}" for k, v in selector.items()) if selector else "")
 
 
-def _fold_trials(data: str, held_out: list[str], seeds: list[int], **where) -> list[Trial]:
+def _fold_trials(data: str, held_out: list[str], every: list[str], seeds: list[int]) -> list[Trial]:
     path, selector = _selector_of(data)
-    every = list(describe_data(data, **where).folds)
     trials = []
     for fold in held_out:
         rest = ",".join(f for f in every if f != fold)
@@ -275,11 +276,7 @@ def check_classes(trials: Sequence[Trial], options: dict) -> bool:
     for trial in {t.fold: t for t in trials}.values():
         train_set = open_source(trial.data, None, options.get("audio_dir"), options.get("classes"))
         eval_set = open_source(trial.eval_data, None, options.get("audio_dir"), options.get("classes"))
-        if eval_set.class_names != train_set.class_names:
-            raise TrainError(
-                f"the evaluation data's {len(eval_set.class_names)} classes are not the training data's "
-                f"{len(train_set.class_names)} (same names in the same order are needed)"
-            )
+        check_same_classes(train_set, eval_set)
         multi_label = multi_label or train_set.multi_label
         taught = train_set.target_matrix().any(axis=0)
         asked = eval_set.target_matrix().any(axis=0)
@@ -319,8 +316,8 @@ def cross_validate(
     if resume:
         return _continue(out, console, stop_after)
     where = {key: options.get(key) for key in ("audio_dir", "classes")}
-    base, held_out = fold_plan(data, folds, fold_seed, **where)
-    trials = _fold_trials(base, held_out, parse_seeds(seeds), **where)
+    base, held_out, every = fold_plan(data, folds, fold_seed, **where)
+    trials = _fold_trials(base, held_out, every, parse_seeds(seeds))
     return _start(recipe, list(overrides), trials, out, overwrite, options, console, stop_after)
 
 

@@ -754,11 +754,8 @@ def train(
     eval_set = open_source(eval_data, recipe.audio, audio_dir, classes) if eval_data is not None else None
     if not train_set.class_names:
         raise TrainError(f"{data} has no classes to learn (no labels)")
-    if eval_set is not None and eval_set.class_names != train_set.class_names:
-        raise TrainError(
-            f"the evaluation data's {len(eval_set.class_names)} classes are not the training data's "
-            f"{len(train_set.class_names)} (same names in the same order are needed)"
-        )
+    if eval_set is not None:
+        check_same_classes(train_set, eval_set)
     teacher = read_teacher(t.teacher, train_set) if t.teacher else None  # a missing clip stops the run here
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     random.seed(t.seed)
@@ -798,6 +795,15 @@ def train(
             started,
             teacher,
             progress,
+        )
+
+
+def check_same_classes(train_set: ClipDataset, eval_set: ClipDataset) -> None:
+    """Evaluation data must have the training data's classes, the same names in the same order."""
+    if eval_set.class_names != train_set.class_names:
+        raise TrainError(
+            f"the evaluation data's {len(eval_set.class_names)} classes are not the training data's "
+            f"{len(train_set.class_names)} (same names in the same order are needed)"
         )
 
 
