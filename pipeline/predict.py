@@ -29,9 +29,19 @@ import torch
 from ..surgery.audio import AudioConfig
 from ..surgery.checkpoint import load
 from ..surgery.dcls import bake
+from .events import Event, EventRules, EventTracker, EventUpdate
 from .frames import FrameOutputs, frame_outputs, head_parts
 from .frontend import LogMel
-from .sources import AUDIO_EXTENSIONS, ClipError, numbered_classes, read_mono, resample, to_clip
+from .sources import (
+    AUDIO_EXTENSIONS,
+    ClipError,
+    MonoBlocks,
+    StreamResampler,
+    numbered_classes,
+    read_mono,
+    resample,
+    to_clip,
+)
 
 POOLINGS = ("max", "mean")
 
@@ -87,6 +97,30 @@ def audio_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
         else:
             found.append(path)
     return found
+
+
+@dataclass
+class StreamUpdate:
+    """What a live stream made final: frame scores (classes x frames) starting at ``times`` (seconds
+    from the stream's start), and the events that started or ended (see :meth:`Tagger.stream`)."""
+
+    times: np.ndarray
+    scores: np.ndarray
+    events: list[EventUpdate]
+
+
+def _chunk_mono(chunk) -> np.ndarray:
+    """A chunk of a stream ((samples,) or (samples, channels); float, int16 or int32) as float32 mono."""
+    chunk = np.asarray(chunk)
+    if chunk.dtype in (np.int16, np.int32):
+        chunk = chunk.astype(np.float32) / (np.iinfo(chunk.dtype).max + 1)
+    elif not np.issubdtype(chunk.dtype, np.floating):
+        raise ValueError(f"a chunk must be float in [-1, 1], int16 or int32, got {chunk.dtype}")
+    if chunk.ndim == 2:
+        chunk = chunk.mean(1)
+    if chunk.ndim != 1:
+        raise ValueError(f"a chunk must be (samples,) or (samples, channels), got {chunk.shape}")
+    return chunk.astype(np.float32, copy=False)
 
 
 class Tagger:
@@ -185,36 +219,6 @@ class Tagger:
             batches.append([tensor.float() for tensor in vars(outputs).values()])
         return FrameOutputs(*(torch.cat(tensors).cpu() for tensors in zip(*batches, strict=True)))
 
-    def _positions(self, mono: np.ndarray) -> tuple[np.ndarray, FrameOutputs]:
-        """The outputs of the windows of ``mono`` one clip apart (the last flush with the end), and the
-        time (seconds) where each of their positions starts; each position covers an equal share of its window.
-
-        The frame outputs are joined: (positions, ...) over the whole sound, where the last window's positions
-        that end before the previous window ends are left out (the first one kept may start inside it: the
-        times it covers past the previous window are its)."""
-        length = self.audio.samples
-        sound = torch.from_numpy(to_clip(mono, max(len(mono), length)))
-        starts = list(range(0, len(sound) - length + 1, length))
-        if starts[-1] + length < len(sound):
-            starts.append(len(sound) - length)
-        outputs = self.outputs(sound[start : start + length] for start in starts)
-        positions = outputs.frame_logits.shape[1]
-        share = self.audio.seconds / positions
-        times, keep = [], []
-        for index, start in enumerate(np.array(starts) / self.audio.sample_rate):
-            window_times = start + share * np.arange(positions)
-            after = times[-1][-1] + share if times else 0.0  # where the previous window's positions end
-            mask = window_times + share > after + 1e-9
-            times.append(window_times[mask])
-            keep.append((index, torch.from_numpy(mask)))
-        joined = FrameOutputs(
-            torch.cat([outputs.frame_logits[i][mask] for i, mask in keep]),
-            outputs.clip_logits,
-            torch.cat([outputs.frame_embeddings[i][mask] for i, mask in keep]),
-            outputs.clip_embeddings,
-        )
-        return np.concatenate(times), joined
-
     def _step(self, step: float | None) -> float:
         """Seconds between frames: ``step``, by default the front-end's hop."""
         step = self.audio.hop_length / self.audio.sample_rate if step is None else step
@@ -222,12 +226,12 @@ class Tagger:
             raise ValueError(f"the step must be positive, got {step:g}")
         return step
 
-    @staticmethod
-    def _grid(position_times: np.ndarray, seconds: float, step: float) -> tuple[np.ndarray, np.ndarray]:
-        """Frame times ``step`` apart over ``seconds``, and the position each falls in."""
-        times = np.arange(max(1, int(np.ceil(seconds / step - 1e-9)))) * step
-        index = np.clip(np.searchsorted(position_times, times + 1e-9, side="right") - 1, 0, len(position_times) - 1)
-        return times, index
+    def frame_scorer(self, step: float | None = None, embeddings: bool = False) -> FrameScorer:
+        """A :class:`FrameScorer` for a sound handed over in pieces (float mono at the model's rate)."""
+        return FrameScorer(self, self._step(step), embeddings)
+
+    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.multi_label else logits.softmax(-1)
 
     def frames(self, sound, sample_rate: int | None = None, step: float | None = None) -> Frames:
         """Frame scores of a sound (a path, or a waveform with its rate): the head at each time position of
@@ -236,14 +240,14 @@ class Tagger:
 
         Sigmoids (a softmax over classes for a single-label model) of the frame logits of
         :func:`~dclsify.pipeline.frames.frame_outputs`. A long sound is cut into windows one clip apart
-        (the last flush with its end, its positions that overlap the one before it left out)."""
-        step, (mono, source) = self._step(step), self.mono(sound, sample_rate)
-        seconds = len(mono) / self.audio.sample_rate
-        position_times, outputs = self._positions(mono)
-        times, index = self._grid(position_times, seconds, step)
-        logits = outputs.frame_logits[torch.from_numpy(index)]
-        scores = torch.sigmoid(logits) if self.multi_label else logits.softmax(-1)
-        return Frames(source, seconds, step, times, scores.T.numpy(), self.class_names)
+        (the last flush with its end, its positions that overlap the one before it left out): see
+        :class:`FrameScorer`."""
+        mono, source = self.mono(sound, sample_rate)
+        scorer = self.frame_scorer(step)
+        pieces = [scorer.push(mono), scorer.close()]
+        times = np.concatenate([piece.times for piece in pieces])
+        scores = self._scores(torch.cat([piece.logits for piece in pieces]))
+        return Frames(source, scorer.seconds, scorer.step, times, scores.T.numpy(), self.class_names)
 
     def embed(
         self, sound, sample_rate: int | None = None, frames: bool = False, step: float | None = None
@@ -254,12 +258,72 @@ class Tagger:
         ``frames=False``: the clip embedding (embedding_size,), the mean over the sound's windows (one clip
         apart). ``frames=True``: ``(times, embeddings)``, the frame embeddings (frames, embedding_size)
         read every ``step`` seconds (default: the front-end's hop) at ``times`` (seconds), as :meth:`frames`."""
-        step, (mono, _) = self._step(step), self.mono(sound, sample_rate)
-        position_times, outputs = self._positions(mono)
+        mono, _ = self.mono(sound, sample_rate)
+        scorer = self.frame_scorer(step, embeddings=frames)
+        pieces = [scorer.push(mono), scorer.close()]
         if not frames:
-            return outputs.clip_embeddings.mean(0).numpy()
-        times, index = self._grid(position_times, len(mono) / self.audio.sample_rate, step)
-        return times, outputs.frame_embeddings[torch.from_numpy(index)].numpy()
+            return scorer.clip_embedding()
+        return np.concatenate([p.times for p in pieces]), torch.cat([p.embeddings for p in pieces]).numpy()
+
+    def events(
+        self, sound, sample_rate: int | None = None, rules: EventRules | None = None, step: float | None = None
+    ) -> list[Event]:
+        """The sound events of a sound (a path, decoded in blocks, or a waveform with its rate): its frame
+        scores (:meth:`frames`) through :class:`~dclsify.pipeline.events.EventTracker` with ``rules``
+        (default :class:`~dclsify.pipeline.events.EventRules`), ordered by onset."""
+        rules, scorer = rules or EventRules(), self.frame_scorer(step)
+        if isinstance(sound, (str, os.PathLike)):
+            source = str(sound)
+            with MonoBlocks(sound, self.audio.sample_rate) as blocks:
+                pieces = itertools.chain(map(scorer.push, blocks), [scorer.close()])
+                return self._track(source, scorer, pieces, rules)
+        mono, source = self.mono(sound, sample_rate)
+        return self._track(source, scorer, [scorer.push(mono), scorer.close()], rules)
+
+    def _track(self, source: str, scorer: FrameScorer, pieces: Iterable[FramePiece], rules: EventRules) -> list[Event]:
+        tracker = EventTracker(self.class_names, rules, scorer.step, source)
+        for piece in pieces:
+            tracker.push(piece.times, self._scores(piece.logits).T.numpy())
+        tracker.close(scorer.seconds)
+        return sorted(tracker.events, key=lambda event: (event.onset, event.label))
+
+    def stream(
+        self,
+        chunks: Iterable,
+        sample_rate: int,
+        rules: EventRules | None = None,
+        step: float | None = None,
+    ) -> Iterator[StreamUpdate]:
+        """Tag live audio: ``chunks``, arrays of any size at ``sample_rate`` ((samples,) or (samples,
+        channels); float in [-1, 1], or int16 / int32 PCM), as they come.
+
+        Yields a :class:`StreamUpdate` each time frames or events become final: the frame scores of
+        :meth:`frames` and the start and end lines of :class:`~dclsify.pipeline.events.EventTracker`
+        (one continuous sound is one event: reported once when it starts, once when it ends). A ring
+        buffer keeps at most two clips of audio. The events are those of :meth:`events` on the same
+        audio in a file (the same windows, the same rules), to float rounding. A frame is final once the
+        window holding it is full, so lines come up to a clip (plus the median filter's half, and
+        ``min_duration`` for a start, ``min_gap`` for an end) after the sound."""
+        rules, scorer = rules or EventRules(), self.frame_scorer(step)
+        tracker = EventTracker(self.class_names, rules, scorer.step, "<stream>")
+        resampler = StreamResampler(int(sample_rate), self.audio.sample_rate)
+
+        def update(piece: FramePiece, end: bool = False) -> StreamUpdate:
+            scores = self._scores(piece.logits).T.numpy()
+            lines = tracker.push(piece.times, scores)
+            return StreamUpdate(piece.times, scores, lines + tracker.close(scorer.seconds) if end else lines)
+
+        for chunk in chunks:
+            found = update(scorer.push(resampler.push(_chunk_mono(chunk))))
+            if len(found.times) or found.events:
+                yield found
+        found = update(scorer.push(resampler.close()))
+        last = update(scorer.close(), end=True)
+        yield StreamUpdate(
+            np.concatenate([found.times, last.times]),
+            np.concatenate([found.scores, last.scores], 1),
+            found.events + last.events,
+        )
 
     @property
     def embedding_size(self) -> int:
@@ -329,6 +393,135 @@ class Tagger:
             yield from answered()
         score(len(windows))
         yield from answered()
+
+
+@dataclass
+class FramePiece:
+    """The frames one call of a :class:`FrameScorer` made final: where they start (seconds), their
+    logits (frames, classes) and, where asked for, their embeddings (frames, embedding_size)."""
+
+    times: np.ndarray
+    logits: torch.Tensor
+    embeddings: torch.Tensor | None = None
+
+
+class FrameScorer:
+    """The frame logits of a sound handed over in pieces (float mono at the model's rate): what
+    :meth:`Tagger.frames` gives for the whole, with memory that does not grow with the sound's length.
+
+    The sound is cut into windows one clip apart, each scored once it is full; at :meth:`close`, the
+    last window is the clip that ends with the sound (its positions that the window before it covers
+    are left out), and a sound shorter than a clip is one zero-padded window. Each position of a
+    window covers an equal share of it; a frame (``step`` seconds apart) takes the output of the
+    position it falls in. :meth:`push` returns the frames that no window to come can cover: all but
+    those in the last position of the last window, which the sound's last window may take over."""
+
+    def __init__(self, tagger: Tagger, step: float, embeddings: bool = False) -> None:
+        self.tagger, self.step, self.embeddings = tagger, step, embeddings
+        self.length, self.rate = tagger.audio.samples, tagger.audio.sample_rate
+        self.buffer, self.offset = np.zeros(0, np.float32), 0  # the sound from sample ``offset`` on
+        self.received = self.scored = 0  # samples given; full windows scored
+        self.next_frame = 0
+        self.clip_embeddings: list[torch.Tensor] = []
+        self._positions, self._share = 0, 0.0  # positions per window and the seconds each covers, once scored
+        # the positions that frames to come may fall in: start times (seconds) and outputs
+        self.table_times = np.zeros(0)
+        self.table_logits = self.table_embeddings = None
+        self.closed = False
+
+    @property
+    def seconds(self) -> float:
+        """How long the sound given so far lasts."""
+        return self.received / self.rate
+
+    def push(self, mono: np.ndarray) -> FramePiece:
+        """More of the sound; the frames this makes final."""
+        if self.closed:
+            raise ValueError("this sound was closed")
+        mono = np.asarray(mono, dtype=np.float32)
+        self.buffer, self.received = np.concatenate([self.buffer, mono]), self.received + len(mono)
+        pieces = []
+        while (self.scored + 1) * self.length <= self.received:  # full windows, a batch at a time
+            ready = self.received // self.length - self.scored
+            starts = [(self.scored + i) * self.length for i in range(min(ready, self.tagger.batch_size))]
+            self._add_windows(starts, [None] * len(starts))
+            self.scored += len(starts)
+            pieces.append(self._frames(limit=self.table_times[-1]))
+        keep = max(0, (self.scored - 1) * self.length)  # the last full window: the sound's last may overlap it
+        self.buffer, self.offset = self.buffer[keep - self.offset :], keep
+        return self._join(pieces)
+
+    def close(self) -> FramePiece:
+        """The end of the sound: its last window, and every frame left (up to the sound's end)."""
+        if self.closed:
+            raise ValueError("this sound was closed")
+        if self.received == 0:
+            raise ValueError("no sound was given")
+        self.closed = True
+        if self.scored == 0:  # shorter than a clip: one zero-padded window, from the start
+            self._add_windows([0], [None])
+        elif self.received > self.scored * self.length:
+            after = self.table_times[-1] + self._share  # where the last full window's positions end
+            start = self.received - self.length
+            times = start / self.rate + self._share * np.arange(self._positions)
+            self._add_windows([start], [times + self._share > after + 1e-9])
+        frames = max(1, int(np.ceil(self.seconds / self.step - 1e-9)))
+        return self._frames(limit=np.inf, count=frames)
+
+    def clip_embedding(self) -> np.ndarray:
+        """The mean of the windows' clip embeddings (the windows one clip apart, and the last)."""
+        return torch.stack(self.clip_embeddings).mean(0).numpy()
+
+    def _add_windows(self, starts: list[int], masks: list[np.ndarray | None]) -> None:
+        """Score the windows at ``starts`` (samples); put their positions (those ``masks`` keep) in the table."""
+        clips = [self._clip(start) for start in starts]
+        outputs = self.tagger.outputs(clips)
+        self._positions = outputs.frame_logits.shape[1]
+        self._share = self.tagger.audio.seconds / self._positions
+        self.clip_embeddings += list(outputs.clip_embeddings)
+        for i, (start, mask) in enumerate(zip(starts, masks, strict=True)):
+            times = start / self.rate + self._share * np.arange(self._positions)
+            keep = torch.ones(self._positions, dtype=torch.bool) if mask is None else torch.from_numpy(mask)
+            self._extend(times[keep.numpy()], outputs.frame_logits[i][keep], outputs.frame_embeddings[i][keep])
+
+    def _clip(self, start: int) -> torch.Tensor:
+        begin = start - self.offset
+        return torch.from_numpy(to_clip(self.buffer[begin : begin + self.length], self.length))
+
+    def _extend(self, times: np.ndarray, logits: torch.Tensor, embeddings: torch.Tensor) -> None:
+        if self.table_logits is None:
+            self.table_times, self.table_logits = times, logits
+            self.table_embeddings = embeddings if self.embeddings else None
+            return
+        self.table_times = np.concatenate([self.table_times, times])
+        self.table_logits = torch.cat([self.table_logits, logits])
+        if self.embeddings:
+            self.table_embeddings = torch.cat([self.table_embeddings, embeddings])
+
+    def _frames(self, limit: float, count: int | None = None) -> FramePiece:
+        """The frames from ``next_frame`` on that start before ``limit`` (and number below ``count``)."""
+        end = self.next_frame if count is None else count
+        if limit != np.inf:  # near where the condition below turns, then exactly to it
+            end = max(self.next_frame, int((limit - 1e-9) / self.step) - 2)
+            while end * self.step + 1e-9 < limit:
+                end += 1
+        times = np.arange(self.next_frame, end) * self.step
+        index = np.searchsorted(self.table_times, times + 1e-9, side="right") - 1
+        index = torch.from_numpy(np.clip(index, 0, len(self.table_times) - 1))
+        piece = FramePiece(times, self.table_logits[index], self.table_embeddings[index] if self.embeddings else None)
+        self.next_frame = end
+        first = int(index[-1]) if len(index) else 0  # the positions before this one are done with
+        self.table_times = self.table_times[first:]
+        self.table_logits = self.table_logits[first:]
+        if self.embeddings:
+            self.table_embeddings = self.table_embeddings[first:]
+        return piece
+
+    def _join(self, pieces: list[FramePiece]) -> FramePiece:
+        if not pieces:
+            return FramePiece(np.zeros(0), torch.zeros(0, len(self.tagger.class_names)), None)
+        embeddings = torch.cat([p.embeddings for p in pieces]) if self.embeddings else None
+        return FramePiece(np.concatenate([p.times for p in pieces]), torch.cat([p.logits for p in pieces]), embeddings)
 
 
 @dataclass

@@ -157,18 +157,65 @@ def _mix(data: np.ndarray) -> np.ndarray:
     return data @ np.full(data.shape[1], 1 / data.shape[1], dtype=np.float32)
 
 
+class StreamResampler:
+    """:func:`resample` for a sound handed over in pieces: :meth:`push` each piece, :meth:`close` at the
+    end; the outputs, end to end, are :func:`resample` of the whole (the same length; the same numbers
+    within float rounding, 1e-6: the same sums, added in another order), and the input kept is a few
+    periods, whatever the sound's length.
+
+    With the rates reduced by their gcd (``orig`` -> ``new``), torchaudio's sinc resampler makes output
+    samples ``[c * new, (c + 1) * new)`` from input ``[c * orig - width, (c + 1) * orig + width)`` alone.
+    So the output of whole periods of ``orig`` input frames is given once ``width`` frames (rounded up to
+    a period) after them are in, each resampled with as many before them; at the sound's ends both
+    resample the same zeros."""
+
+    def __init__(self, rate: int, sample_rate: int) -> None:
+        self.rate, self.sample_rate = rate, sample_rate
+        gcd = math.gcd(rate, sample_rate)
+        self._orig, self._new = rate // gcd, sample_rate // gcd
+        width = _resampler(rate, sample_rate).width if rate != sample_rate else 0
+        self._margin = -(-width // self._orig) * self._orig
+        self._kept, self._kept_from = np.zeros(0, dtype=np.float32), 0  # input still needed, from frame _kept_from
+        self._received = self._done = 0  # input frames given; input frames whose output was given
+
+    def _output_end(self, frame: int) -> int:
+        """Where the output of the input up to ``frame`` ends (torchaudio's length: ceil(frame * new / orig))."""
+        return -(-frame * self._new // self._orig)
+
+    def push(self, mono: np.ndarray) -> np.ndarray:
+        """More of the sound (float32 mono at ``rate``); the output this makes final."""
+        if self.rate == self.sample_rate:
+            return mono
+        self._kept = np.concatenate([self._kept, mono])
+        self._received += len(mono)
+        return self._output((self._received - self._margin) // self._orig * self._orig)
+
+    def close(self) -> np.ndarray:
+        """The end of the sound: the rest of the output."""
+        return mono_empty() if self.rate == self.sample_rate else self._output(self._received)
+
+    def _output(self, end: int) -> np.ndarray:
+        if end <= self._done:
+            return mono_empty()
+        resampled = resample(self._kept, self.rate, self.sample_rate)
+        offset = self._output_end(self._kept_from)  # _kept_from is a multiple of orig: its output starts there
+        output = resampled[self._output_end(self._done) - offset : self._output_end(end) - offset]
+        dropped = max(end - self._margin, 0) - self._kept_from  # the left margin of what comes next stays
+        self._kept, self._kept_from, self._done = self._kept[dropped:], self._kept_from + dropped, end
+        return output
+
+
+def mono_empty() -> np.ndarray:
+    return np.zeros(0, dtype=np.float32)
+
+
 class MonoBlocks:
     """A sound file as float32 mono in [-1, 1] at ``sample_rate``, read in blocks of about ``block_seconds``.
 
     For multi-hour recordings: :func:`read_mono` holds a whole sound (decoded, and again resampled),
-    this decodes one block (and its margins) at a time, so memory does not grow with the file's length.
-    The blocks, end to end, are :func:`read_mono`'s sound: the same numbers when no resampling is needed;
-    else the same length, equal within float rounding (1e-6: the same sums, added in another order).
-    For that, each block is resampled with the input around it: with the rates reduced by their gcd
-    (``orig`` -> ``new``), torchaudio's sinc resampler makes output samples ``[c * new, (c + 1) * new)``
-    from input ``[c * orig - width, (c + 1) * orig + width)`` alone, so blocks are whole periods of
-    ``orig`` frames, resampled with ``width`` frames, rounded up to a period, on each side. At the
-    file's ends both resample the same zeros.
+    this decodes one block at a time and resamples it with a :class:`StreamResampler`, so memory does
+    not grow with the file's length. The blocks, end to end, are :func:`read_mono`'s sound: the same
+    numbers when no resampling is needed; else the same length, equal within float rounding.
 
     The file is opened and checked at once: :class:`ClipError` (missing, unreadable, empty) as
     :func:`read_mono` raises it. ``seconds`` is the sound's duration, ``samples`` how many samples the
@@ -190,32 +237,21 @@ class MonoBlocks:
             self.close()
             raise ClipError("empty")
         self.seconds = self.frames / self.rate
-        gcd = math.gcd(self.rate, sample_rate)
-        self._orig, self._new = self.rate // gcd, sample_rate // gcd
-        self.samples = self._output_end(self.frames)  # torchaudio's length: ceil(frames * new / orig)
-        width = _resampler(self.rate, sample_rate).width if self.rate != sample_rate else 0
-        self._margin = -(-width // self._orig) * self._orig
-        self._block = max(1, round(block_seconds * self.rate / self._orig)) * self._orig
-
-    def _output_end(self, frame: int) -> int:
-        """Where the output of the input up to ``frame`` ends."""
-        return -(-frame * self._new // self._orig)
+        self.samples = -(-self.frames * sample_rate // self.rate)  # torchaudio's length: ceil(frames * new / orig)
+        self._block = max(1, round(block_seconds * self.rate))
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        """The blocks, from the start of the file (each iteration reads it again)."""
+        """The blocks, from the start of the file (each iteration reads it again); none empty."""
         self._reader.seek(0)
-        kept, kept_from = np.zeros(0, dtype=np.float32), 0  # the input read and still needed, from frame kept_from
+        resampler = StreamResampler(self.rate, self.sample_rate)
         for start in range(0, self.frames, self._block):
-            end = min(start + self._block, self.frames)
-            wanted = min(end + self._margin, self.frames)
             with _reading():
-                data = self._reader.read(wanted - kept_from - len(kept), dtype="float32", always_2d=True)
-            kept = np.concatenate([kept, _mix(data)])
-            resampled = resample(kept, self.rate, self.sample_rate)
-            offset = self._output_end(kept_from)  # kept_from is a multiple of orig: its output starts there
-            yield resampled[self._output_end(start) - offset : self._output_end(end) - offset]
-            dropped = max(end - self._margin, 0) - kept_from  # the next block's left margin stays
-            kept, kept_from = kept[dropped:], kept_from + dropped
+                data = self._reader.read(min(self._block, self.frames - start), dtype="float32", always_2d=True)
+            block = resampler.push(_mix(data))
+            if start + self._block >= self.frames:
+                block = np.concatenate([block, resampler.close()])
+            if len(block):
+                yield block
 
     def close(self) -> None:
         self._reader.close()

@@ -64,7 +64,7 @@ def test_the_mean_of_the_frame_logits_is_the_clip_logit_where_the_head_is_linear
     assert parts.exact == exact and positions >= 4 and outputs.frame_logits.shape == (2, positions, 5)
     assert outputs.frame_embeddings.shape == (2, positions, parts.embedding_size)
     assert outputs.clip_embeddings.shape == (2, parts.embedding_size)
-    torch.testing.assert_close(outputs.clip_logits, expected, atol=1e-4, rtol=1e-4)  # the model's own output
+    torch.testing.assert_close(outputs.clip_logits, expected, atol=1e-4, rtol=1e-3)  # the model's logits (to 300)
     gap = (outputs.frame_logits.mean(1) - outputs.clip_logits).abs().max().item()
     spread = (outputs.frame_logits - outputs.clip_logits[:, None]).abs().max().item()
     print(f"{name}: mean of the frame logits - clip logit {gap:.3g}, frame - clip {spread:.3g}")
@@ -98,8 +98,14 @@ def test_frame_scores_of_a_trained_tagger_follow_its_sound_and_pool_to_its_clip_
     assert low[inside].min() > 0.5 > low[outside].max()
     coarse = tagger.frames(sound, sample_rate=8000, step=0.25)
     np.testing.assert_allclose(coarse.times, np.arange(12) * 0.25)
-    position_times, joined = tagger._positions(sound)
-    assert joined.frame_logits.shape[0] == len(position_times) and np.all(np.diff(position_times) > 0)
+    scorer, rng, pieces = tagger.frame_scorer(), np.random.default_rng(0), []  # the sound handed over in pieces
+    for piece in np.split(sound, np.sort(rng.choice(len(sound), 7, replace=False))):
+        pieces.append(scorer.push(piece))
+    pieces.append(scorer.close())
+    assert sum(len(piece.times) > 0 for piece in pieces) >= 4  # frames come out as the windows fill
+    np.testing.assert_array_equal(np.concatenate([piece.times for piece in pieces]), frames.times)
+    streamed = torch.sigmoid(torch.cat([piece.logits for piece in pieces])).T.numpy()
+    np.testing.assert_allclose(streamed, frames.scores, atol=1e-6)
     with pytest.raises(ValueError, match="step must be positive"):
         tagger.frames(sound, sample_rate=8000, step=0)
 
