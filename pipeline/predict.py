@@ -37,6 +37,7 @@ from .sources import (
     ClipError,
     MonoBlocks,
     StreamResampler,
+    fit_length,
     numbered_classes,
     read_mono,
     resample,
@@ -44,6 +45,8 @@ from .sources import (
 )
 
 POOLINGS = ("max", "mean")
+LONG_SECONDS = 600.0  # predict_files decodes a longer file in blocks, as it scores it
+BLOCK_SECONDS = 60.0  # the blocks a long file is decoded in
 
 
 @dataclass
@@ -275,8 +278,7 @@ class Tagger:
         if isinstance(sound, (str, os.PathLike)):
             source = str(sound)
             with MonoBlocks(sound, self.audio.sample_rate) as blocks:
-                pieces = itertools.chain(map(scorer.push, blocks), [scorer.close()])
-                return self._track(source, scorer, pieces, rules)
+                return self._track(source, scorer, _then_close(scorer, map(scorer.push, blocks)), rules)
         mono, source = self.mono(sound, sample_rate)
         return self._track(source, scorer, [scorer.push(mono), scorer.close()], rules)
 
@@ -335,11 +337,39 @@ class Tagger:
         return Prediction(source, seconds, len(scores), pooled.numpy(), self.class_names, starts, scores.numpy())
 
     def __call__(self, sound, sample_rate: int | None = None) -> Prediction:
-        """Scores of a sound: a file path, or a waveform (see :meth:`mono`) with its rate."""
+        """Scores of a sound: a file path (decoded in blocks: a long recording is never whole in memory),
+        or a waveform (see :meth:`mono`) with its rate. A file that cannot be read raises :class:`ClipError`."""
+        if isinstance(sound, (str, os.PathLike)):
+            starts: list[int] = []
+
+            def windows(blocks: MonoBlocks) -> Iterator[torch.Tensor]:
+                for start, window in self._windows_of(blocks):
+                    starts.append(start)
+                    yield window
+
+            with MonoBlocks(sound, self.audio.sample_rate, BLOCK_SECONDS) as blocks:
+                scores = self.score(windows(blocks))
+            return self._prediction(str(sound), blocks.samples / self.audio.sample_rate, starts, scores)
         mono, source = self.mono(sound, sample_rate)
         sound, starts = self._cut(mono)
         scores = self.score(sound[start : start + self.audio.samples] for start in starts)
         return self._prediction(source, len(mono) / self.audio.sample_rate, starts, scores)
+
+    def _windows_of(self, blocks: Iterable[np.ndarray]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, int16 window) of a sound given in blocks (float mono at the model's rate): the windows
+        :meth:`windows` cuts from the whole, holding no more than a block and a clip of it."""
+        length, kept, kept_from, total, start = self.audio.samples, np.zeros(0, np.int16), 0, 0, 0
+        for block in blocks:
+            kept, total = np.concatenate([kept, to_clip(block, len(block))]), total + len(block)
+            while start + length <= total:
+                yield start, torch.from_numpy(kept[start - kept_from : start - kept_from + length].copy())
+                start += self.hop
+            dropped = max(0, min(start, total - length) - kept_from)  # the sound's last clip stays
+            kept, kept_from = kept[dropped:], kept_from + dropped
+        if total < length:  # shorter than a clip: one zero-padded window
+            yield 0, torch.from_numpy(fit_length(kept, length))
+        elif start - self.hop + length < total:  # the last window ends with the sound
+            yield total - length, torch.from_numpy(kept[total - length - kept_from :].copy())
 
     def predict_files(
         self, paths: Iterable[str | os.PathLike], workers: int | None = None
@@ -347,8 +377,10 @@ class Tagger:
         """A :class:`Prediction` per file, in order, or ``(path, reason)`` for a file that cannot be read.
 
         ``workers`` processes decode the files ahead (None: none on the CPU, up to 8 on a GPU, where
-        decoding a file takes far longer than scoring it). The windows of consecutive files fill the
-        same batches: a folder of short clips is scored ``batch_size`` windows at a time."""
+        decoding a file takes far longer than scoring it). A file longer than ``LONG_SECONDS`` is
+        decoded in blocks as it is scored instead, so memory does not grow with a recording's length.
+        The windows of consecutive files fill the same batches: a folder of short clips is scored
+        ``batch_size`` windows at a time."""
         paths = [str(path) for path in paths]
         if workers is None:
             workers = min(8, _usable_cores()) if self.device.type == "cuda" else 0
@@ -358,41 +390,75 @@ class Tagger:
             batch_size=None,
             collate_fn=_as_is,
             num_workers=workers,
-            prefetch_factor=1 if workers else None,  # a file each in flight: long recordings are large
+            prefetch_factor=1 if workers else None,  # a file each in flight
             # fork, as pack does: no re-import of torch per worker (they touch no CUDA, only soundfile)
             multiprocessing_context="fork" if workers and "fork" in multiprocessing.get_all_start_methods() else None,
         )
-        length = self.audio.samples
         waiting: deque[_Pending] = deque()  # the files not yet answered, in order
-        windows: deque[tuple[_Pending, int]] = deque()  # their windows not yet scored
+        filling: deque[_Pending] = deque()  # those whose windows are not all taken yet
+        batch: list[tuple[_Pending, torch.Tensor]] = []
 
-        def score(count: int) -> None:
-            taken = [windows.popleft() for _ in range(count)]
-            rows = self.score(pending.sound[start : start + length] for pending, start in taken)
-            for (pending, _), row in zip(taken, rows, strict=True):
+        def take_windows() -> None:
+            """Fill the batch from the files in order; score it whenever it is full."""
+            while filling:
+                pending = filling[0]
+                for start, window in pending.windows:
+                    pending.starts.append(start)
+                    batch.append((pending, window))
+                    if len(batch) == self.batch_size:
+                        score()
+                pending.cut = True
+                filling.popleft()
+
+        def score() -> None:
+            rows = self.score(window for _, window in batch)
+            for (pending, _), row in zip(batch, rows, strict=True):
                 pending.rows.append(row)
+            batch.clear()
 
         def answered() -> Iterator[Prediction | tuple[str, str]]:
-            while waiting and len(waiting[0].rows) == len(waiting[0].starts):
+            while waiting and waiting[0].cut and len(waiting[0].rows) == len(waiting[0].starts):
                 done = waiting.popleft()
-                if done.sound is None:
+                if done.reason is not None:
                     yield done.source, done.reason
                 else:
                     yield self._prediction(done.source, done.seconds, done.starts, torch.stack(done.rows))
 
         for source, mono in decoded:
-            if isinstance(mono, str):
-                waiting.append(_Pending(source, reason=mono))
-            else:
-                mono = mono.numpy()
-                pending = _Pending(source, len(mono) / self.audio.sample_rate, None, *self._cut(mono))
-                waiting.append(pending)
-                windows.extend((pending, start) for start in pending.starts)
-            while len(windows) >= self.batch_size:
-                score(self.batch_size)
+            pending = _Pending(source)
+            try:
+                if mono is None:  # long: decoded here, a block at a time, as its windows are taken
+                    blocks = MonoBlocks(source, self.audio.sample_rate, BLOCK_SECONDS)
+                    pending.seconds = blocks.samples / self.audio.sample_rate
+                    pending.windows = _closing(blocks, self._windows_of(blocks))
+                elif isinstance(mono, str):
+                    raise ClipError(mono)
+                else:
+                    pending.seconds = len(mono) / self.audio.sample_rate
+                    sound, starts = self._cut(mono.numpy())
+                    pending.windows = ((start, sound[start : start + self.audio.samples]) for start in starts)
+            except ClipError as error:
+                pending.reason, pending.cut = str(error), True
+            waiting.append(pending)
+            if pending.reason is None:
+                filling.append(pending)
+            take_windows()
             yield from answered()
-        score(len(windows))
+        if batch:
+            score()
         yield from answered()
+
+
+def _then_close(scorer: FrameScorer, pieces: Iterator[FramePiece]) -> Iterator[FramePiece]:
+    """``pieces``, then the scorer's last (once they are all in)."""
+    yield from pieces
+    yield scorer.close()
+
+
+def _closing(blocks: MonoBlocks, windows: Iterator) -> Iterator:
+    """``windows`` (cut from ``blocks``), closing its file when they end."""
+    with blocks:
+        yield from windows
 
 
 @dataclass
@@ -526,13 +592,14 @@ class FrameScorer:
 
 @dataclass
 class _Pending:
-    """A file on its way through :meth:`Tagger.predict_files`: its cut sound (None: unreadable,
-    for ``reason``) and the scores of the windows done so far."""
+    """A file on its way through :meth:`Tagger.predict_files`: its ``windows`` to take (``cut`` once all
+    were taken; ``reason`` for a file that cannot be read), their starts and the scores done so far."""
 
     source: str
     seconds: float = 0.0
     reason: str | None = None
-    sound: torch.Tensor | None = None
+    windows: Iterator[tuple[int, torch.Tensor]] = iter(())
+    cut: bool = False
     starts: list[int] = field(default_factory=list)
     rows: list[torch.Tensor] = field(default_factory=list)
 
@@ -546,11 +613,20 @@ class _Decoded(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[str, torch.Tensor | str]:
+    def __getitem__(self, index: int) -> tuple[str, torch.Tensor | str | None]:
+        """``(path, sound)``; the sound is None for a file longer than ``LONG_SECONDS`` (decoded later, in blocks)."""
+        import soundfile
+
+        path = self.paths[index]
+        try:
+            if soundfile.info(path).duration > LONG_SECONDS:
+                return path, None
+        except (soundfile.LibsndfileError, RuntimeError, OSError):
+            pass  # read_mono says why
         try:  # a tensor: from a worker it travels through shared memory, not pickled through a pipe
-            return self.paths[index], torch.from_numpy(read_mono(self.paths[index], self.sample_rate))
+            return path, torch.from_numpy(read_mono(path, self.sample_rate))
         except ClipError as error:
-            return self.paths[index], str(error)
+            return path, str(error)
 
 
 def _usable_cores() -> int:
