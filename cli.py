@@ -875,7 +875,8 @@ def _print_plan(plan) -> None:
         (
             "model",
             f"{m.source}, {plan.parameters:,} parameters"
-            + ("" if plan.trainable == plan.parameters else f" ({plan.trainable:,} trained)"),
+            + ("" if plan.trainable == plan.parameters else f" ({plan.trainable:,} trained)")
+            + (f"; frames head ({m.frame_pooling} pooling)" if m.head == "frames" else ""),
         ),
         ("classes", f"{plan.classes} ({plan.classes_from})"),
         ("clips", unknown if plan.clips is None else f"{plan.clips:,}"),

@@ -17,6 +17,11 @@ has an optional norm over channels (LayerNorm), an optional hidden MLP, and a la
 An embedding is the input of the last linear layer: what the classifier sees (the normalised pooled
 features, or the MLP's hidden layer where the head has one). ``fc(embedding)`` is the logit, for the
 clip and for each frame.
+
+A model trained with a frame-wise head (``model.head = "frames"``, :mod:`~dclsify.surgery.heads`) gives
+that head's own outputs: each frame normalised by itself, the clip logits its pooling of the frame
+probabilities (the model's output), and as clip embedding the mean of the frame embeddings (the head
+pools probabilities per class, not embeddings, so ``fc`` of it is not the clip logit).
 """
 
 from __future__ import annotations
@@ -26,65 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..surgery.heads import FrameError, HeadParts, frame_head_of, frames_of, head_parts
 
-class FrameError(ValueError):
-    """A model whose head dclsify cannot apply frame by frame."""
-
-
-@dataclass
-class HeadParts:
-    """A classifier head after its global average pooling: ``norm`` (a LayerNorm over channels, or
-    None), ``hidden`` (an MLP, or Identity) and the last linear layer ``fc``. ``channels_last``: the
-    features come as (batch, height, width, channels) (MambaOut)."""
-
-    channels_last: bool
-    norm: nn.Module | None
-    hidden: nn.Module
-    fc: nn.Linear
-
-    @property
-    def exact(self) -> bool:
-        """Whether the mean over positions of the frame logits is the clip logit (no MLP after the norm)."""
-        return isinstance(self.hidden, nn.Identity)
-
-    @property
-    def embedding_size(self) -> int:
-        return self.fc.in_features
-
-
-def _check_average(pool: nn.Module | str) -> None:
-    kind = pool if isinstance(pool, str) else getattr(pool, "pool_type", None)
-    if kind != "avg":
-        raise FrameError(f"frame scores need a head that averages over positions; this one pools with {kind!r}")
-
-
-def _norm_or_none(norm: nn.Module | None) -> nn.Module | None:
-    if norm is None or isinstance(norm, nn.Identity):
-        return None
-    if not isinstance(norm, nn.LayerNorm):  # timm's LayerNorm2d is one; an RMS norm does not centre
-        raise FrameError(f"frame scores know heads with a LayerNorm, not a {type(norm).__name__}")
-    return norm
-
-
-def head_parts(model: nn.Module) -> HeadParts:
-    """The parts of a timm model's head after its pooling (see the module's doc), or FrameError."""
-    head = getattr(model, "head", None)
-    if isinstance(head, nn.Linear):  # ConvMixer, StarNet: the model pools, the head is one layer
-        _check_average(model.global_pool)
-        return HeadParts(False, None, nn.Identity(), head)
-    if head is not None and hasattr(head, "pool_type") and not hasattr(head, "global_pool"):  # MambaOut's MlpHead
-        _check_average(head.pool_type)
-        return HeadParts(True, _norm_or_none(head.norm), head.pre_logits, head.fc)
-    if head is None or not hasattr(head, "global_pool") or not hasattr(head, "fc"):
-        raise FrameError(f"frame scores do not know the head of {type(model).__name__}")
-    _check_average(head.global_pool)
-    norm, fc = _norm_or_none(getattr(head, "norm", None)), head.fc
-    hidden = getattr(head, "pre_logits", None) or nn.Identity()  # NormMlpClassifierHead's optional MLP
-    if all(hasattr(fc, name) for name in ("fc1", "act", "norm", "fc2")):  # MetaFormer's MlpHead
-        hidden, fc = nn.Sequential(fc.fc1, fc.act, fc.norm), fc.fc2
-    if not isinstance(fc, nn.Linear):
-        raise FrameError(f"frame scores need a head that ends with a linear layer, not {type(fc).__name__}")
-    return HeadParts(False, norm, hidden, fc)
+__all__ = ["FrameError", "FrameOutputs", "HeadParts", "frame_outputs", "head_parts"]
 
 
 @dataclass
@@ -112,12 +61,15 @@ def _normalise_like_clip(norm: nn.Module, pooled: Tensor, frames: Tensor) -> tup
 def frame_outputs(model: nn.Module, spectrograms: Tensor, parts: HeadParts | None = None) -> FrameOutputs:
     """The model's clip and frame logits and embeddings for (batch, 1, mels, frames) spectrograms.
 
-    ``clip_logits`` are the model's own output (computed from the same pooled features)."""
+    ``clip_logits`` are the model's own output (computed from the same pooled features, or by its
+    frame-wise head from the same frames)."""
     parts = parts or head_parts(model)
     features = model.forward_features(spectrograms).float()
-    if parts.channels_last:
-        features = features.permute(0, 3, 1, 2)
-    frames = features.mean(2).transpose(1, 2)  # (batch, positions, channels): pooled over frequency only
+    frame_head = frame_head_of(model)
+    if frame_head is not None:  # trained frame by frame: the head's own frames, and its pooling as the clip's
+        out = frame_head(features, parts)
+        return FrameOutputs(out.frame_logits, out.clip_logits, out.frame_embeddings, out.frame_embeddings.mean(1))
+    frames = frames_of(features, parts)  # (batch, positions, channels): pooled over frequency only
     pooled = frames.mean(1)  # the head's global average pool
     if parts.norm is not None:
         pooled, frames = _normalise_like_clip(parts.norm, pooled, frames)

@@ -17,7 +17,7 @@ from .datasets import open_source
 from .loader import make_loader
 from .recipe import BatchPlan, Recipe, as_recipe, plan_batch
 from .sources import audioset_classes
-from .train import FineTuning, TrainError, build_model, epoch_steps, resolve_recipe
+from .train import FineTuning, TrainError, build_model, check_head_fits, epoch_steps, resolve_recipe
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ def plan_run(
         train_set = open_source(data, recipe.audio, audio_dir, classes, blacklist)
         if not train_set.class_names:
             raise TrainError(f"{data} has no classes to learn (no labels)")
+        check_head_fits(recipe, train_set.multi_label)
         count, classes_from, class_names = len(train_set.class_names), "the data", train_set.class_names
         clips = len(train_set)
         t = recipe.train

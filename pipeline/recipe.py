@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from ..surgery.heads import FRAME_POOLINGS
 from .augment import AugmentConfig
 from .frontend import AudioConfig
 from .loader import SAMPLERS
 
 OPTIMIZERS = ("adamw", "lamb")
 PRECISIONS = ("fp32", "bf16", "fp16")
+HEADS = ("clip", "frames")
 
 
 class RecipeError(ValueError):
@@ -43,6 +45,10 @@ class ModelRecipe:
     stem: str = "audio"  # audio (2x16 / 2x16), KHxKW[/SHxSW], or none
     drop_path: float = 0.4
     num_classes: int = 0  # 0: as many as the data has
+    # clip: the head on the pooled features; frames: the head on each time position, the clip's score pooled from
+    # the frames' (sharp frame scores; multi-label data only). A checkpoint source's own unless the recipe sets it
+    head: str = "clip"
+    frame_pooling: str = "linear_softmax"  # head = "frames": linear_softmax (sum p^2 / sum p) or attention
     freeze: bool = False  # fine-tuning: train the new head only
     clamp: bool = True  # clamp DCLS positions to the window after each step (the paper's run never does)
 
@@ -199,6 +205,11 @@ def _check(recipe: Recipe) -> Recipe:
         (t.sampler in SAMPLERS, f"train.sampler must be one of {', '.join(SAMPLERS)}, got {t.sampler!r}"),
         (t.epoch_clips >= 0, "train.epoch_clips must be >= 0 (0: as many as the training data has)"),
         (m.num_classes >= 0, "model.num_classes must be >= 0 (0: from the data)"),
+        (m.head in HEADS, f"model.head must be one of {', '.join(HEADS)}, got {m.head!r}"),
+        (
+            m.frame_pooling in FRAME_POOLINGS,
+            f"model.frame_pooling must be one of {', '.join(FRAME_POOLINGS)}, got {m.frame_pooling!r}",
+        ),
         (0 <= m.drop_path < 1, "model.drop_path must be in [0, 1)"),
         (0 <= t.kd_weight <= 1, "train.kd_weight must be in [0, 1]"),
         (t.kd_temperature > 0, "train.kd_temperature must be > 0"),

@@ -39,9 +39,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..surgery.checkpoint import AUDIO_KEY, CheckpointError, convert, load, read_metadata, require_trust, save
+from ..surgery.checkpoint import (
+    AUDIO_KEY,
+    FRAME_HEAD_KEY,
+    CheckpointError,
+    convert,
+    load,
+    read_metadata,
+    require_trust,
+    save,
+)
 from ..surgery.dcls import Dcls2d
 from ..surgery.files import atomic_path
+from ..surgery.heads import FrameError, attach_frame_head, detach_frame_head, frame_head_of
 from ..surgery.rewrite import SurgeryError, example_input, reset_head, stem_geometry
 from .augment import Augment
 from .datasets import open_source
@@ -155,6 +165,8 @@ class FineTuning:
     audio_recorded: bool  # False: the checkpoint records no front-end (convert's files), the recipe's is used
     audio_overrides: dict  # audio.KEY -> [the checkpoint's value, the recipe's], where the recipe sets another
     frozen: bool
+    frame_pooling: str | None = None  # the run's frame-wise head's pooling; None: a clip head
+    checkpoint_frame_pooling: str | None = None  # the checkpoint's
 
     def describe(self) -> str:
         if self.head_kept:
@@ -173,17 +185,26 @@ class FineTuning:
                 for key, (theirs, mine) in self.audio_overrides.items()
             )
         frozen = "; the body frozen, in eval mode: the head alone trains" if self.frozen else ""
-        return f"fine-tuning from {self.source}: {self.tensors_kept} tensors kept, {head}; {audio}{frozen}"
+        kind = "" if self.frame_pooling is None else f", its frames head ({self.frame_pooling} pooling)"
+        if self.frame_pooling != self.checkpoint_frame_pooling:
+            now, then = _head_kind(self.frame_pooling), _head_kind(self.checkpoint_frame_pooling)
+            kind = f", {now} where the checkpoint has {then}"
+        return f"fine-tuning from {self.source}: {self.tensors_kept} tensors kept, {head}{kind}; {audio}{frozen}"
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+def _head_kind(frame_pooling: str | None) -> str:
+    return "a clip head" if frame_pooling is None else f"a frames head ({frame_pooling} pooling)"
+
+
 def resolve_recipe(recipe: Recipe) -> Recipe:
     """The recipe a run from ``model.source`` uses: for a dclsify checkpoint, the checkpoint's
-    front-end (``audio.*``, as it recorded them) and layers (:data:`LAYER_KEYS`) wherever the recipe
-    does not set them (:attr:`Recipe.given`), so that its sample rate applies to the new data;
-    any other source's recipe as it is. What :func:`train` records and ``--dry-run`` prints."""
+    front-end (``audio.*``, as it recorded them), layers (:data:`LAYER_KEYS`) and head (``model.head``,
+    ``model.frame_pooling``) wherever the recipe does not set them (:attr:`Recipe.given`), so that its
+    sample rate applies to the new data; any other source's recipe as it is. What :func:`train` records
+    and ``--dry-run`` prints."""
     return _resolve(recipe)[0]
 
 
@@ -207,6 +228,11 @@ def _resolve(recipe: Recipe) -> tuple[Recipe, dict | None, dict]:
         if f"model.{key}" not in recipe.given:
             value = metadata["rewrite"][key]
             layers[key] = _stem_text(value) if key == "stem" else value
+    pooling = metadata[FRAME_HEAD_KEY]
+    if "model.head" not in recipe.given:
+        layers["head"] = "clip" if pooling is None else "frames"
+    if "model.frame_pooling" not in recipe.given and pooling is not None:
+        layers["frame_pooling"] = pooling
     audio, overrides, recorded = recipe.audio, {}, metadata[AUDIO_KEY]
     if recorded is not None:
         mine = {f.name: getattr(audio, f.name) for f in fields(audio) if f"audio.{f.name}" in recipe.given}
@@ -247,6 +273,8 @@ def build_model(
     that do not). It is rebuilt with the recipe's ``drop_path``; its head is kept where the data's
     ``class_names`` are the checkpoint's (same names, same order; without names, where the
     counts agree) and new otherwise (``model.fine_tuning``, a :class:`FineTuning`, says which).
+    ``model.head = "frames"`` gives the model a frame-wise head (:func:`~dclsify.surgery.heads.attach_frame_head`);
+    a checkpoint's head becomes the one the recipe sets (a new frames head on its classifier, or its clip head).
     A model that cannot take the run's spectrograms (another channel count, a size it cannot
     run on) is a :class:`TrainError`. ``model.freeze`` trains the head only.
     """
@@ -279,12 +307,14 @@ def build_model(
                 seed=recipe.train.seed,
             )
             _check_channels(model, f"the model of {m.source}", "set model.stem (audio, or KHxKW[/SHxSW])")
-    except (SurgeryError, CheckpointError) as error:
+            if m.head == "frames":
+                attach_frame_head(model, m.frame_pooling)
+    except (SurgeryError, CheckpointError, FrameError) as error:
         raise TrainError(str(error)) from None
     if recipe.train.layer_decay != 1:
         stage_depths(model)  # a model without stages is refused here, before a run writes anything
     if m.freeze:
-        head = {id(p) for p in model.get_classifier().parameters()}
+        head = {id(p) for module in head_modules(model) for p in module.parameters()}
         for parameter in model.parameters():
             parameter.requires_grad_(id(parameter) in head)
     return model
@@ -329,11 +359,19 @@ def _start_from_checkpoint(model, recipe: Recipe, num_classes: int, class_names,
         head_kept = before == num_classes  # convert's files name no classes: their count decides
     tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
     kept = len(tensors)
+    recorded = frame_head_of(model)
+    recorded_pooling = None if recorded is None else recorded.pooling
+    pooling = recipe.model.frame_pooling if recipe.model.head == "frames" else None
+    new = head_modules(model) if not head_kept else [recorded] if recorded and pooling != recorded_pooling else []
+    kept -= len({id(t) for module in new for t in module.state_dict(keep_vars=True).values()})
     if not head_kept:
-        kept -= len({id(t) for t in model.get_classifier().state_dict(keep_vars=True).values()})
         reset_head(model, num_classes)  # std-0.02 layers, as DCLS-Audio starts a head
         config.num_classes = num_classes
         model.class_names = None if class_names is None else list(class_names)
+    if pooling is None:
+        detach_frame_head(model)
+    elif not head_kept or pooling != recorded_pooling:  # a new frames head: its attention layer follows the classes
+        attach_frame_head(model, pooling)
     return FineTuning(
         source,
         kept,
@@ -343,6 +381,8 @@ def _start_from_checkpoint(model, recipe: Recipe, num_classes: int, class_names,
         model.audio is not None,
         audio_overrides,
         recipe.model.freeze,
+        pooling,
+        recorded_pooling,
     )
 
 
@@ -453,10 +493,25 @@ def set_training(model: nn.Module, frozen: bool) -> None:
     features whole, so the head learns on the very features it is later evaluated on."""
     model.train()
     if frozen:
-        head = set(model.get_classifier().modules())
+        head = {module for part in head_modules(model) for module in part.modules()}
         for module in model.modules():
             if module not in head:
                 module.training = False
+
+
+def head_modules(model: nn.Module) -> list[nn.Module]:
+    """What a new head replaces and a linear probe trains: timm's classifier, and a frames head's pooling."""
+    frame_head = frame_head_of(model)
+    return [model.get_classifier(), *([] if frame_head is None else [frame_head])]
+
+
+def check_head_fits(recipe: Recipe, multi_label: bool) -> None:
+    """A frames head pools sigmoid frame scores (BCE): refuse it on one-label-a-clip data (a softmax)."""
+    if recipe.model.head == "frames" and not multi_label:
+        raise TrainError(
+            'model.head = "frames" is for multi-label data (sigmoid scores per frame, pooled into the clip\'s), '
+            "and this data has one label a clip (a softmax): set model.head=clip"
+        )
 
 
 def epoch_steps(loader, plan: BatchPlan, clips: int) -> int:
@@ -754,6 +809,7 @@ def train(
     eval_set = open_source(eval_data, recipe.audio, audio_dir, classes) if eval_data is not None else None
     if not train_set.class_names:
         raise TrainError(f"{data} has no classes to learn (no labels)")
+    check_head_fits(recipe, train_set.multi_label)
     if eval_set is not None:
         check_same_classes(train_set, eval_set)
     teacher = read_teacher(t.teacher, train_set) if t.teacher else None  # a missing clip stops the run here

@@ -21,6 +21,7 @@ from .._version import __version__
 from .audio import AudioConfig
 from .dcls import Dcls2d, LargeKernelConv2d, bake
 from .files import CheckpointError, atomic_path, read_safetensors, read_state_dict, unreadable
+from .heads import FRAME_POOLINGS, FrameError, attach_frame_head, frame_head_of
 from .rewrite import RewriteConfig, SurgeryError, example_input, rewrite
 from .weights import ImportReport, check_strict, load_timm_weights
 
@@ -40,6 +41,7 @@ JSON_METADATA = ("model_kwargs", "rewrite", "class_names", "pretrained")
 AUDIO_KEY = "audio"  # the front-end settings a trained model hears with; absent from untrained checkpoints
 MULTI_LABEL_KEY = "multi_label"  # sigmoid (true) or softmax (false) scores; absent from untrained checkpoints
 BAKED_KEY = "baked"  # "true": every Dcls2d is stored as its built kernel (dclsify.bake); absent otherwise
+FRAME_HEAD_KEY = "frame_head"  # a frame-wise head's pooling (surgery.heads); absent for a clip head
 
 # The timm model arguments a checkpoint may record: what shapes the architecture (generic
 # timm arguments, then those of the registered families' classes). Everything else is
@@ -259,6 +261,7 @@ def save(
     (an :class:`~dclsify.surgery.audio.AudioConfig`) records the clip format and log-mel
     settings the model was trained with, and ``multi_label`` whether its scores are sigmoids
     (multi-label, BCE) or a softmax (one label a clip), so that evaluation and inference need no flags.
+    A frame-wise head (:func:`~dclsify.surgery.heads.attach_frame_head`) is recorded with its pooling.
     """
     report = getattr(model, "dclsify", None)
     if report is None or getattr(report, "source", None) is None:
@@ -284,6 +287,8 @@ def save(
         metadata[MULTI_LABEL_KEY] = json.dumps(bool(multi_label))
     if baked:
         metadata[BAKED_KEY] = "true"
+    if frame_head_of(model) is not None:
+        metadata[FRAME_HEAD_KEY] = frame_head_of(model).pooling
     with atomic_path(path) as temporary:
         save_model(model, str(temporary), metadata=metadata)
     return Path(path)
@@ -314,7 +319,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
             f"{path} was written by dclsify {written_by}, newer than this dclsify {__version__}: upgrade to load it"
         )
     # besides ours, safetensors records each shared tensor's other names: name -> stored name
-    known = (*METADATA_KEYS, AUDIO_KEY, MULTI_LABEL_KEY, BAKED_KEY)
+    known = (*METADATA_KEYS, AUDIO_KEY, MULTI_LABEL_KEY, BAKED_KEY, FRAME_HEAD_KEY)
     unknown = [key for key, value in raw.items() if key not in known and value not in tensor_names]
     missing = [key for key in METADATA_KEYS if key not in raw]
     if unknown or missing:
@@ -333,6 +338,11 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if raw.get(BAKED_KEY, "true") != "true":
         raise CheckpointError(f"{path}: damaged dclsify metadata: 'baked' must be true where present")
     decoded[BAKED_KEY] = BAKED_KEY in raw
+    decoded[FRAME_HEAD_KEY] = raw.get(FRAME_HEAD_KEY)
+    if decoded[FRAME_HEAD_KEY] not in (None, *FRAME_POOLINGS):
+        raise CheckpointError(
+            f"{path}: damaged dclsify metadata: 'frame_head' must be one of {', '.join(FRAME_POOLINGS)} where present"
+        )
     source, pretrained = decoded["source"], decoded["pretrained"]
     if not source.startswith(("timm:", "file:")):
         raise CheckpointError(f"{path}: metadata 'source' must be timm:NAME or file:PATH.py:FACTORY, got {source!r}")
@@ -378,8 +388,8 @@ def load(
     The metadata is checked (:func:`read_metadata`) before anything is built. A timm
     source is rebuilt freely; a ``file:PATH.py:FACTORY`` source runs that file, so it is
     refused unless ``trust_code=True`` (:func:`require_trust`). A dense checkpoint (saved
-    from a baked model) is rebuilt baked. Every tensor the model needs must be in the file,
-    of its dtype and shape, and no other.
+    from a baked model) is rebuilt baked, a frame-wise head with its pooling. Every tensor the
+    model needs must be in the file, of its dtype and shape, and no other.
     """
     metadata = read_metadata(path)
     require_trust(metadata["source"], trust_code, path)
@@ -395,7 +405,9 @@ def load(
         ) from None
     try:
         _check_class_names(metadata["class_names"], _head_size(model))
-    except CheckpointError as error:
+        if metadata[FRAME_HEAD_KEY] is not None:
+            attach_frame_head(model, metadata[FRAME_HEAD_KEY])
+    except (CheckpointError, FrameError) as error:
         raise CheckpointError(f"{path}: metadata: {error}") from None
     if metadata[BAKED_KEY]:
         model = bake(model)  # the layers of a dense checkpoint: their kernels come from the file

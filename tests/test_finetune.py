@@ -88,6 +88,8 @@ def test_new_classes_get_a_new_head_and_the_checkpoints_front_end(pretrained, ne
         "audio_recorded": True,
         "audio_overrides": {},
         "frozen": False,
+        "frame_pooling": None,  # a clip head, as the checkpoint's
+        "checkpoint_frame_pooling": None,
     }
     tuned = load(tmp_path / "run" / "last.safetensors")
     assert tuned.class_names == OTHER_CLASSES and tuned.audio.sample_rate == 8000
