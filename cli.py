@@ -629,6 +629,36 @@ BLACKLIST = typer.Option(
 )
 
 
+# How frame scores become events (dclsify.pipeline.events.EventRules): eval --strong's, shareable
+EVENT_THRESHOLD = typer.Option(
+    0.5, "--threshold", min=0, max=1, help="Events: a frame score at or above this starts an event."
+)
+EVENT_LOW = typer.Option(
+    None,
+    "--low",
+    min=0,
+    max=1,
+    help="Events: an event lasts while its score stays at or above this (default: 0.6 x --threshold).",
+)
+MEDIAN_FILTER = typer.Option(
+    0.25, "--median-filter", min=0, help="Events: seconds of the median filter over frame scores (0: none)."
+)
+MIN_DURATION = typer.Option(0.1, "--min-duration", min=0, help="Events: shorter events (seconds) are dropped.")
+MIN_GAP = typer.Option(0.1, "--min-gap", min=0, help="Events: events of a class closer (seconds) are merged.")
+
+
+def _event_rules(threshold: float, low: float | None, median_filter: float, min_duration: float, min_gap: float):
+    """The EventRules of the event options, checked (low at most the threshold); a bad value ends the command."""
+    from dclsify.pipeline.events import EventRules
+
+    try:
+        rules = EventRules(threshold, low, median_filter, min_duration, min_gap)
+        rules.thresholds(1)
+    except ValueError as error:
+        fail(str(error))
+    return rules
+
+
 CLASSES_SHOWN = 60  # of a longer class list (AudioSet's 527), `dclsify data` prints the first ones
 
 
@@ -999,8 +1029,16 @@ def _report_run(result) -> None:
 @app.command("eval")
 def eval_command(
     checkpoint: Path = typer.Argument(..., help="A dclsify checkpoint (e.g. a run's best.safetensors)."),
-    data: str = typer.Option(..., help=f"Evaluation data, of the model's classes: {DATA_HELP}."),
-    audio_dir: Path | None = AUDIO_DIR,
+    data: str | None = typer.Option(None, help=f"Evaluation data, of the model's classes: {DATA_HELP}."),
+    strong: Path | None = typer.Option(
+        None,
+        "--strong",
+        help="Or strong labels, for event and segment F1 and PSDS: a DCASE TSV (filename onset offset "
+        "event_label) of the clips in --audio-dir.",
+    ),
+    audio_dir: Path | None = typer.Option(
+        None, "--audio-dir", help="Folder of the clips a segment CSV or --strong TSV names (default: its folder)."
+    ),
     labels: Path | None = LABELS,
     json_output: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     per_class: Path | None = typer.Option(None, "--per-class", help="Write each class's AP to this CSV."),
@@ -1010,14 +1048,32 @@ def eval_command(
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast)."),
     trust_code: bool = typer.Option(False, "--trust-code", help="Allow a file: model source to run its Python file."),
     blacklist: Path | None = BLACKLIST,
+    threshold: float = EVENT_THRESHOLD,
+    low: float | None = EVENT_LOW,
+    median_filter: float = MEDIAN_FILTER,
+    min_duration: float = MIN_DURATION,
+    min_gap: float = MIN_GAP,
 ) -> None:
-    """mAP, mAUC, d-prime (and accuracy for single-label data) of a checkpoint on evaluation data."""
+    """mAP, mAUC, d-prime (and accuracy for single-label data) of a checkpoint on evaluation data;
+    with --strong, event-based F1, segment-based F1 and PSDS of its sound events."""
     from dclsify.pipeline.evaluate import evaluate
     from dclsify.pipeline.recipe import PRECISIONS
     from dclsify.pipeline.sources import DataError
     from dclsify.surgery.checkpoint import CheckpointError
 
     _check_device(device)
+    if (data is None) == (strong is None):
+        fail("give --data (clip-level metrics) or --strong (sound event metrics), one of them")
+    if strong is not None:
+        given = dict(labels=labels, per_class=per_class, blacklist=blacklist, workers=workers or None)
+        for name, value in given.items():
+            if value is not None:
+                fail(f"--{name.replace('_', '-')} is for --data, not --strong")
+        if precision != "fp32":
+            fail("--precision is for --data: --strong scores in fp32")
+        rules = _event_rules(threshold, low, median_filter, min_duration, min_gap)
+        _eval_strong(checkpoint, strong, audio_dir, rules, device, batch, trust_code, json_output)
+        return
     if precision not in PRECISIONS:
         raise typer.BadParameter(f"must be one of {', '.join(PRECISIONS)}", param_hint="--precision")
     options = dict(trust_code=trust_code, audio_dir=audio_dir, classes=labels, per_class=per_class, blacklist=blacklist)
@@ -1053,6 +1109,44 @@ def eval_command(
         )
     if per_class is not None:
         console.print(f"wrote {per_class}")
+
+
+def _eval_strong(checkpoint, strong, audio_dir, rules, device, batch, trust_code, json_output) -> None:
+    from dclsify.pipeline.sed import ONSET_COLLAR, SEGMENT, SedUnavailable, evaluate_events
+    from dclsify.pipeline.sources import DataError
+    from dclsify.surgery.checkpoint import CheckpointError
+
+    with clips_bar("scoring", ".1f") as (_, progress):
+        try:
+            result = evaluate_events(checkpoint, strong, audio_dir, rules, device, trust_code, batch, progress)
+        except (CheckpointError, DataError, SedUnavailable) as error:
+            fail(str(error))
+    if json_output:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    console.print(
+        f"{checkpoint} on {strong}: {result.files} files, {result.reference_events} reference events of "
+        f"{len(result.classes)} classes, {result.detected_events} detected events",
+        markup=False,
+        soft_wrap=True,
+    )
+    table = Table(**COMPACT)
+    for heading in ("metric", "value"):
+        table.add_column(heading, justify="right" if heading == "value" else "left")
+    collar, segment = f"{ONSET_COLLAR * 1000:.0f}-ms collar", f"{SEGMENT:g}-s segments"
+    for kind, detail, micro, macro in (
+        ("event", collar, result.event_micro, result.event_macro),
+        ("segment", segment, result.segment_micro, result.segment_macro),
+    ):
+        for average, score in (("micro", micro), ("macro", macro)):
+            table.add_row(f"{kind}-based F1, {average} ({detail})", f"{score.f1:.4f}")
+            table.add_row(f"  precision, {average}", f"{score.precision:.4f}")
+            table.add_row(f"  recall, {average}", f"{score.recall:.4f}")
+    table.add_row("PSDS1 (DCASE scenario 1)", f"{result.psds1:.4f}")
+    table.add_row("PSDS2 (DCASE scenario 2)", f"{result.psds2:.4f}")
+    print_table(table)
+    if result.unscored_events:
+        console.print(f"{result.unscored_events} detected events of classes the labels do not name were left out")
 
 
 @app.command("demo")

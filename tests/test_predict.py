@@ -7,15 +7,13 @@ import pytest
 import soundfile
 import torch
 from rich.console import Console
-from test_train import CLASSES, TINY, make_set
+from test_train import CLASSES
 from typer.testing import CliRunner
 
 from dclsify import cli
 from dclsify.cli import app
 from dclsify.pipeline.predict import Tagger
-from dclsify.pipeline.recipe import load_recipe
 from dclsify.pipeline.sources import to_clip
-from dclsify.pipeline.train import train
 
 runner = CliRunner()
 
@@ -23,14 +21,6 @@ runner = CliRunner()
 @pytest.fixture(autouse=True)
 def wide_console(monkeypatch):
     monkeypatch.setattr(cli, "console", Console(width=200))
-
-
-@pytest.fixture(scope="module")
-def tagger_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("predict")
-    quiet = ["augment.speed_p=0", "augment.erase_p=0", "augment.mixup_alpha=0", "train.epochs=6", "train.lr=4e-3"]
-    result = train(load_recipe(None, TINY + quiet), make_set(folder / "train.h5", 24, 0), None, folder / "run")
-    return result.run_dir / "last.safetensors"
 
 
 def tone(frequency: float, rate: int, seconds: float) -> np.ndarray:
