@@ -29,6 +29,7 @@ app = typer.Typer(
     help="Model surgery for audio tagging with Dilated Convolution with Learnable Spacings (DCLS).",
 )
 console = Console()
+error_console = Console(stderr=True)  # warnings beside output that machines read (tsv, csv, json)
 
 
 COMPACT = dict(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)  # 2 spaces between columns
@@ -1180,20 +1181,47 @@ def demo_command(
 def predict_command(
     checkpoint: Path = typer.Argument(..., help="A trained dclsify checkpoint (e.g. a run's best.safetensors)."),
     sounds: list[Path] = typer.Argument(..., help="Sound files, or folders of them (searched recursively)."),
-    top_k: int = typer.Option(5, "--top-k", min=1, help="Labels shown per sound."),
-    threshold: float | None = typer.Option(None, help="Show only labels scoring at least this."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Labels shown per sound (with --timeline: classes drawn)."),
+    threshold: str | None = typer.Option(
+        None,
+        help="Show only labels scoring at least this. With --events: a frame score at or above this starts an "
+        "event (default 0.5), one number or a CSV of per-class values (columns label, threshold[, low]).",
+    ),
     pooling: str = typer.Option("max", help="Pool the windows of a long sound by max or mean."),
     hop: float | None = typer.Option(None, help="Seconds between windows of a long sound (default: half a clip)."),
     json_lines: bool = typer.Option(
         False, "--json", help='One JSON object per sound, for machines ({"source", "error"} for one not read).'
     ),
+    events: bool = typer.Option(
+        False, "--events", help="Sound events (file, onset, offset, label, score) instead of clip tags."
+    ),
+    low: float | None = EVENT_LOW,
+    median_filter: float = MEDIAN_FILTER,
+    min_duration: float = MIN_DURATION,
+    min_gap: float = MIN_GAP,
+    output_format: str = typer.Option(
+        "table",
+        "--format",
+        help="With --events: table, tsv (DCASE: filename onset offset event_label), csv or json (a line each).",
+    ),
+    timeline: Path | None = typer.Option(
+        None,
+        "--timeline",
+        help="With --events: draw the log-mel, frame scores and events to this PNG (several sounds: "
+        "NAME-<sound>.png beside it).",
+    ),
+    step: float | None = typer.Option(None, help="With --events: seconds between frames (default: the hop)."),
     device: str = typer.Option("auto", help="auto (cuda where torch sees a GPU), cpu, cuda, cuda:1, ..."),
     workers: int | None = typer.Option(
         None, min=0, help="Processes decoding files ahead (default: none on the CPU, up to 8 with a GPU)."
     ),
     trust_code: bool = typer.Option(False, "--trust-code", help="Allow a file: model source to run its Python file."),
 ) -> None:
-    """Tag sounds with a trained model: the top labels of each, with their scores."""
+    """Tag sounds with a trained model: the top labels of each, with their scores; or with --events, when
+    each sound starts and ends.
+
+    A recording longer than 10 minutes is decoded in blocks as it is scored: memory does not grow with
+    its length."""
     from rich.progress import Progress
 
     from dclsify.pipeline.predict import Tagger, audio_files
@@ -1202,6 +1230,15 @@ def predict_command(
 
     if device != "auto":
         _check_device(device)
+    event_only = {"--format": output_format != "table", "--timeline": timeline is not None, "--step": step}
+    event_only.update({"--low": low is not None})
+    if not events and any(value not in (None, False) for value in event_only.values()):
+        given = [name for name, value in event_only.items() if value not in (None, False)]
+        fail(f"{', '.join(given)} go with --events")
+    if events and output_format not in ("table", "tsv", "csv", "json"):
+        fail(f"--format must be table, tsv, csv or json, not {output_format!r}")
+    if step is not None and step <= 0:
+        fail(f"--step must be positive, got {step:g}")
     try:
         tagger = Tagger(checkpoint, device, pooling, hop, trust_code=trust_code)
     except (CheckpointError, ValueError) as error:
@@ -1209,6 +1246,12 @@ def predict_command(
     paths = audio_files(sounds)
     if not paths:
         fail(f"no sound files ({', '.join(AUDIO_EXTENSIONS)}) in {', '.join(map(str, sounds))}")
+    if events:
+        rules = _predict_event_rules(threshold, low, median_filter, min_duration, min_gap, tagger.class_names)
+        kind = "json" if json_lines else output_format
+        _print_events(tagger, paths, rules, kind, timeline, step, top_k)
+        return
+    threshold = None if threshold is None else _number(threshold, "--threshold")
     failures, results = [], []
     quiet = len(paths) < 2 or json_lines or not console.is_terminal  # a bar in piped output is a stray line
     with Progress(console=console, transient=True, disable=quiet) as bar:
@@ -1237,6 +1280,111 @@ def predict_command(
     if len(failures) == len(paths):
         if json_lines:
             raise typer.Exit(1)  # the reasons are in the output, one JSON line each
+        fail("no sound could be read")
+
+
+def _number(text: str, option: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        fail(f"{option} must be a number, not {text!r}")
+    if not 0 <= value <= 1:
+        fail(f"{option} must be in [0, 1], got {value:g}")
+    return value
+
+
+def _predict_event_rules(threshold, low, median_filter, min_duration, min_gap, class_names):
+    """predict --events' rules: --threshold a number (default 0.5) or a CSV of per-class thresholds."""
+    from dataclasses import replace
+
+    from dclsify.pipeline.events import read_thresholds
+
+    try:
+        value = 0.5 if threshold is None else float(threshold)
+    except ValueError:  # a file of per-class thresholds
+        path = Path(threshold)
+        if not path.is_file():
+            fail(f"--threshold must be a number or a CSV file; {threshold!r} is neither")
+        try:
+            thresholds, lows = read_thresholds(path, class_names, 0.5, low)
+        except (ValueError, OSError, UnicodeDecodeError) as error:
+            fail(f"{path}: {error}" if not str(error).startswith(str(path)) else str(error))
+        rules = _event_rules(0.5, None, median_filter, min_duration, min_gap)
+        rules = replace(rules, threshold=thresholds, low=lows)
+        try:
+            rules.thresholds(len(class_names))
+        except ValueError as error:
+            fail(f"{path}: {error}")
+        return rules
+    return _event_rules(value, low, median_filter, min_duration, min_gap)
+
+
+def _print_events(tagger, paths, rules, kind: str, timeline: Path | None, step: float | None, classes: int) -> None:
+    """predict --events: each sound's events, as a table or in ``kind`` (tsv, csv, json) on stdout."""
+    from rich.progress import Progress
+
+    from dclsify.pipeline.events import detect_events, format_events
+    from dclsify.pipeline.predict import LONG_SECONDS
+    from dclsify.pipeline.show import draw_timeline
+    from dclsify.pipeline.sources import ClipError
+
+    found, failures, drawn = [], [], []
+    quiet = len(paths) < 2 or kind != "table" or not console.is_terminal
+    header = kind != "json"
+    with Progress(console=console, transient=True, disable=quiet) as bar:
+        for path in bar.track(paths, description="finding events"):
+            try:
+                if timeline is None:
+                    sound_events = tagger.events(path, rules=rules, step=step)
+                else:  # the picture needs the whole sound and its frames: the events come from the same frames
+                    mono, source = tagger.mono(path)
+                    if len(mono) / tagger.audio.sample_rate > LONG_SECONDS:
+                        raise ClipError(
+                            f"longer than {LONG_SECONDS / 60:g} minutes: no timeline (leave --timeline out)"
+                        )
+                    frames = tagger.frames(mono, tagger.audio.sample_rate, step)
+                    frames.source = source
+                    sound_events = detect_events(
+                        frames.times, frames.scores, tagger.class_names, rules, frames.step, frames.seconds, source
+                    )
+                    picture = timeline if len(paths) == 1 else timeline.with_name(f"{timeline.stem}-{path.stem}.png")
+                    high, _ = rules.thresholds(len(tagger.class_names))
+                    drawn.append(draw_timeline(mono, tagger.audio, frames, sound_events, picture, classes, high))
+            except ClipError as error:
+                failures.append((str(path), str(error)))
+                continue
+            except OSError as error:
+                fail(f"cannot write {timeline}: {error.strerror or error}")
+            if kind == "table":
+                found += sound_events
+            else:
+                text = format_events(sound_events, kind)
+                if not header and kind != "json":
+                    text = text.split("\n", 1)[1]  # one header for all the sounds
+                typer.echo(text, nl=False)
+                header = False
+    if kind == "table":
+        table = Table(**COMPACT)
+        for heading in ("file", "onset", "offset", "label", "score"):
+            table.add_column(heading, justify="left" if heading in ("file", "label") else "right", overflow="fold")
+        for event in found:
+            row = event.as_dict()
+            table.add_row(
+                escape(row["file"]),
+                f"{row['onset']:.3f}",
+                f"{row['offset']:.3f}",
+                escape(row["label"]),
+                f"{row['score']:.3f}",
+            )
+        if found:
+            print_table(table)
+        else:
+            console.print("no events")
+    for path, reason in failures:
+        error_console.print(f"[yellow]warning:[/] {escape(path)}: {escape(reason)}", soft_wrap=True)
+    for picture in drawn:
+        error_console.print(f"wrote {escape(str(picture))}")
+    if len(failures) == len(paths):
         fail("no sound could be read")
 
 
