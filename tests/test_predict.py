@@ -136,3 +136,45 @@ def test_predict_command_tags_files_and_folders(tagger_checkpoint, tmp_path):
     assert nothing.exit_code == 1 and "no sound files (.wav" in nothing.output
     missing = runner.invoke(app, ["predict", str(tmp_path / "none.safetensors"), str(folder)])
     assert missing.exit_code == 1 and "no such checkpoint" in missing.output
+
+
+def test_predict_events_finds_each_tone_once_in_every_format_and_draws_a_timeline(tagger_checkpoint, tmp_path):
+    rate = 8000
+    sound = 0.003 * np.random.default_rng(0).standard_normal(6 * rate).astype(np.float32)
+    sound[4000:12000] += tone(300, rate, 1.0)  # "low" from 0.5 to 1.5 s
+    sound[16000:24000] += tone(1000, rate, 1.0)  # "middle" from 2 to 3 s
+    path = tmp_path / "two tones.wav"
+    soundfile.write(path, sound, rate)
+    args = ["predict", str(tagger_checkpoint), str(path), "--events"]
+    tsv = runner.invoke(app, [*args, "--format", "tsv"])
+    assert tsv.exit_code == 0, tsv.output
+    lines = [line.split("\t") for line in tsv.stdout.splitlines()]
+    assert lines[0] == ["filename", "onset", "offset", "event_label"]
+    found = {label: (float(onset), float(offset)) for _, onset, offset, label in lines[1:] if label != "chirp"}
+    assert set(found) == {"low", "middle"} and len([line for line in lines if line[3] == "low"]) == 1
+    for label, (start, end) in {"low": (0.5, 1.5), "middle": (2.0, 3.0)}.items():
+        assert abs(found[label][0] - start) < 0.1 and abs(found[label][1] - end) < 0.1, found
+    events = Tagger(tagger_checkpoint, "cpu").events(path)
+    as_json = runner.invoke(app, [*args, "--format", "json"])
+    assert [json.loads(line) for line in as_json.stdout.splitlines()] == [e.as_dict() for e in events]
+    assert runner.invoke(app, [*args, "--json"]).stdout == as_json.stdout
+    as_csv = runner.invoke(app, [*args, "--format", "csv"]).stdout.splitlines()
+    assert as_csv[0] == "file,onset,offset,label,score" and len(as_csv) == len(events) + 1
+    table = runner.invoke(app, [*args, "--timeline", str(tmp_path / "timeline.png")])
+    assert table.exit_code == 0 and "low" in table.stdout and "onset" in table.stdout
+    assert (tmp_path / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # per-class thresholds: "low" can no longer start an event; the other classes keep --threshold's default
+    (tmp_path / "thresholds.csv").write_text("label,threshold\nlow,1.0\n")
+    strict = runner.invoke(app, [*args, "--format", "tsv", "--threshold", str(tmp_path / "thresholds.csv")])
+    assert strict.exit_code == 0 and "\tlow" not in strict.stdout and "\tmiddle" in strict.stdout
+    (tmp_path / "bad.csv").write_text("label,threshold\nlow,0.5\nbarking,0.4\n")
+    for extra, message in [
+        (["--threshold", str(tmp_path / "bad.csv")], "line 3: 'barking' is not one of the model's classes"),
+        (["--threshold", "loud"], "--threshold must be a number or a CSV file"),
+        (["--format", "xml"], "--format must be table, tsv, csv or json"),
+        (["--low", "0.8"], "low must not exceed the threshold"),
+    ]:
+        failed = runner.invoke(app, [*args, *extra])
+        assert failed.exit_code == 1 and message in " ".join(failed.output.split()), failed.output
+    failed = runner.invoke(app, ["predict", str(tagger_checkpoint), str(path), "--format", "tsv"])
+    assert failed.exit_code == 1 and "--format go with --events" in failed.output
