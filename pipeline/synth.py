@@ -241,6 +241,15 @@ def _envelope(samples: int, sample_rate: int, percussive: bool) -> np.ndarray:
     return envelope
 
 
+def _render(rng, sound: SoundClass, length: int, sample_rate: int, level_db: float) -> tuple[np.ndarray, dict]:
+    """An event of ``sound``, ``length`` samples, faded in and out, at ``level_db`` (see REFERENCE_RMS)."""
+    signal, parameters = sound.render(rng, np.arange(length) / sample_rate, sample_rate)
+    signal = signal * _envelope(length, sample_rate, sound.percussive)
+    rms, peak = np.sqrt(np.mean(signal**2)), np.abs(signal).max()
+    gain = 10 ** (level_db / 20) * min(REFERENCE_RMS / max(rms, 1e-12), PEAK_LIMIT / max(peak, 1e-12))
+    return gain * signal, parameters
+
+
 def make_clip(
     seed: int,
     split: str,
@@ -272,11 +281,8 @@ def make_clip(
         length = max(min(round(rng.uniform(*sound.seconds) * sample_rate), samples), 2)
         start = int(rng.integers(0, samples - length + 1))
         level_db = float(rng.uniform(*LEVEL_DB))
-        signal, parameters = sound.render(rng, np.arange(length) / sample_rate, sample_rate)
-        signal = signal * _envelope(length, sample_rate, sound.percussive)
-        rms, peak = np.sqrt(np.mean(signal**2)), np.abs(signal).max()
-        gain = 10 ** (level_db / 20) * min(REFERENCE_RMS / max(rms, 1e-12), PEAK_LIMIT / max(peak, 1e-12))
-        mix[start : start + length] += gain * signal
+        signal, parameters = _render(rng, sound, length, sample_rate, level_db)
+        mix[start : start + length] += signal
         events.append(Event(label, start / sample_rate, length / sample_rate, level_db, parameters))
     peak = np.abs(mix).max()
     if peak > 0.99:  # loud events piled up: turn the whole clip down rather than clip it
@@ -399,3 +405,36 @@ def make_esc50_layout(
         writer.writerow(ESC50_COLUMNS)
         writer.writerows(rows)
     return folder
+
+
+def make_scene(
+    path: str | os.PathLike, seconds: float = 120.0, seed: int = 0, sample_rate: int = SAMPLE_RATE
+) -> list[tuple[float, float, str]]:
+    """A long recording with events at known times, for sound event detection: the demo's sounds, one
+    at a time (each class in turn, 1 to 3 s of silence between them, levels as in the demo's clips) on
+    the demo's noise floor. Writes ``path`` (a WAV) and, beside it, its strong labels as DCASE's TSV
+    (``filename onset offset event_label``, the file's name); returns (onset, offset, label) of each event."""
+    path = Path(path)
+    rng = np.random.default_rng([seed, 2])
+    samples = round(seconds * sample_rate)
+    mix = 10 ** (rng.uniform(*NOISE_FLOOR_DBFS) / 20) * rng.standard_normal(samples)
+    truth, start, index = [], round(rng.uniform(0.5, 2.0) * sample_rate), 0
+    while True:
+        sound = SOUND_CLASSES[index % len(SOUND_CLASSES)]
+        length = round(rng.uniform(*sound.seconds) * sample_rate)
+        if start + length > samples:
+            break
+        signal, _ = _render(rng, sound, length, sample_rate, float(rng.uniform(*LEVEL_DB)))
+        mix[start : start + length] += signal
+        truth.append((start / sample_rate, (start + length) / sample_rate, sound.name))
+        start += length + round(rng.uniform(1.0, 3.0) * sample_rate)
+        index += 1
+    import soundfile
+
+    with atomic_path(path) as temporary:
+        soundfile.write(temporary, to_clip(mix, samples), sample_rate, format="WAV")
+    lines = ["filename\tonset\toffset\tevent_label"]
+    lines += [f"{path.name}\t{onset:.3f}\t{offset:.3f}\t{label}" for onset, offset, label in truth]
+    with atomic_path(path.with_suffix(".tsv")) as temporary:
+        Path(temporary).write_text("\n".join(lines) + "\n")
+    return truth

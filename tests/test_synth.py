@@ -3,10 +3,11 @@
 import h5py
 import numpy as np
 import pytest
+import soundfile
 
 from dclsify.pipeline.datasets import open_source
 from dclsify.pipeline.sources import HDF5Clips
-from dclsify.pipeline.synth import CLASS_NAMES, SOUND_CLASSES, class_descriptions, make_clip, make_sound_set
+from dclsify.pipeline.synth import CLASS_NAMES, SOUND_CLASSES, class_descriptions, make_clip, make_scene, make_sound_set
 
 CLASSES = len(CLASS_NAMES)
 RATE = 16000
@@ -167,3 +168,18 @@ def test_every_class_is_described():
     descriptions = class_descriptions()
     assert list(descriptions) == CLASS_NAMES == [sound.name for sound in SOUND_CLASSES]
     assert all(len(text) > 10 for text in descriptions.values())
+
+
+def test_a_scene_places_every_class_once_at_its_stated_times_over_the_noise_floor(tmp_path):
+    truth = make_scene(tmp_path / "scene.wav", seconds=60.0, seed=3)
+    sound, rate = soundfile.read(tmp_path / "scene.wav", dtype="float32")
+    assert rate == 16000 and len(sound) == 60 * 16000
+    assert {label for _, _, label in truth} == {c.name for c in SOUND_CLASSES}  # 14 classes fit in a minute
+    assert all(a[1] + 1.0 <= b[0] for a, b in zip(truth, truth[1:], strict=False))  # a second apart at least
+    for onset, offset, _ in truth:  # louder inside an event than in the gap before it
+        inside = sound[round(onset * rate) : round(offset * rate)]
+        before = sound[round((onset - 0.45) * rate) : round((onset - 0.05) * rate)]
+        assert np.sqrt(np.mean(inside**2)) > 2 * np.sqrt(np.mean(before**2))
+    rows = [line.split("\t") for line in (tmp_path / "scene.tsv").read_text().splitlines()]
+    assert rows[0] == ["filename", "onset", "offset", "event_label"] and len(rows) == len(truth) + 1
+    assert rows[1] == ["scene.wav", f"{truth[0][0]:.3f}", f"{truth[0][1]:.3f}", truth[0][2]]
