@@ -57,7 +57,8 @@ class Event:
 
 @dataclass(frozen=True)
 class EventUpdate:
-    """A line of a live stream: an event that has started (``offset`` None), or that has ended."""
+    """A line of a live stream: an event that has started (``offset`` None; ``score``: its best frame
+    so far), or that has ended."""
 
     label: str
     onset: float
@@ -66,7 +67,7 @@ class EventUpdate:
 
     @property
     def time(self) -> float:
-        """When the update could be known at the earliest: the onset of a start, the offset of an end."""
+        """The time the line is about, its order among lines: the onset of a start, the offset of an end."""
         return self.onset if self.offset is None else self.offset
 
     def as_dict(self) -> dict:
@@ -99,10 +100,13 @@ class EventRules:
         high = _per_class(self.threshold, classes, "threshold")
         low = 0.6 * high if self.low is None else _per_class(self.low, classes, "low")
         for name, values in (("threshold", high), ("low", low)):
-            if not np.all((values >= 0) & (values <= 1)):
-                raise ValueError(f"{name} must be in [0, 1], got {values[(values < 0) | (values > 1)][0]:g}")
-        if np.any(low > high):
-            raise ValueError(f"low must not exceed the threshold: low {low.max():g} > threshold {high.min():g}")
+            outside = ~((values >= 0) & (values <= 1))  # NaN too
+            if outside.any():
+                raise ValueError(f"{name} must be in [0, 1], got {values[outside][0]:g}")
+        above = np.flatnonzero(low > high)
+        if len(above):  # the first class at fault, its own two values
+            c = above[0]
+            raise ValueError(f"low must not exceed the threshold: low {low[c]:g} > threshold {high[c]:g}")
         return high, low
 
     def median_frames(self, step: float) -> int:
@@ -132,12 +136,12 @@ def read_thresholds(
         columns = set(reader.fieldnames or ())
         if not {"label", "threshold"} <= columns:
             raise ValueError(f"{path}: needs the columns label and threshold, has {', '.join(sorted(columns))}")
-        rows = list(reader)
+        rows = [(reader.line_num, row) for row in reader]  # the line a row ends on: blank lines count
     index = {name: i for i, name in enumerate(class_names)}
     high = np.full(len(class_names), threshold, dtype=np.float64)
     given_low = "low" in columns or low is not None
     lows = np.full(len(class_names), np.nan if low is None else low, dtype=np.float64)
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         label = row["label"]
         if label not in index:
             raise ValueError(f"{path}, line {line}: {label!r} is not one of the model's classes")
@@ -145,11 +149,14 @@ def read_thresholds(
             high[index[label]] = float(row["threshold"])
             if row.get("low") not in (None, ""):
                 lows[index[label]] = float(row["low"])
-        except ValueError:
+        except (TypeError, ValueError):  # TypeError: a row without its threshold (None)
             raise ValueError(f"{path}, line {line}: thresholds must be numbers") from None
     if not given_low:
         return high, None
     return high, np.where(np.isnan(lows), 0.6 * high, lows)
+
+
+_MEDIAN_VALUES = 1 << 22  # window values the median filter sorts at a time (memory)
 
 
 class _MedianFilter:
@@ -163,33 +170,53 @@ class _MedianFilter:
         self.pending = np.zeros((0, 0), dtype=np.float32)
         self.times = np.zeros(0)
 
-    def push(self, times: np.ndarray, scores: np.ndarray, last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def push(
+        self, times: np.ndarray, scores: np.ndarray, last: bool = False, floor: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The frames (times, filtered scores) that ``scores`` (and ``last``: the end) make final. With
+        ``floor`` (one value per class), a frame whose median is below it may come out as -inf: only
+        whether it is below counts there, and that needs no median (at most half its window reach it)."""
         if scores.shape[1]:
             if self.left is None:
                 self.left = np.repeat(scores[:, :1], self.half, axis=1)
-                self.pending = scores
+                self.pending = scores.copy()  # no view of the caller's array: it may refill it
             else:
                 self.pending = np.concatenate([self.pending, scores], axis=1)
             self.times = np.concatenate([self.times, times])
-        if self.left is None:
-            return self.times, self.pending
+        ready = self.pending.shape[1] if last else max(0, self.pending.shape[1] - self.half)
+        if self.left is None or ready == 0:  # nothing yet, or too little for a window
+            return times[:0], scores[:, :0]
         right = np.repeat(self.pending[:, -1:], self.half, axis=1) if last else self.pending[:, :0]
         buffer = np.concatenate([self.left, self.pending, right], axis=1)
-        ready = self.pending.shape[1] if last else max(0, self.pending.shape[1] - self.half)
-        if self.half == 0:
-            filtered = self.pending[:, :ready]
-        else:
-            windows = np.lib.stride_tricks.sliding_window_view(buffer, 2 * self.half + 1, axis=1)[:, :ready]
-            filtered = np.median(windows, axis=-1).astype(np.float32)
+        filtered = self.pending[:, :ready] if self.half == 0 else self._medians(buffer, ready, floor)
         out_times = self.times[:ready]
         self.left = buffer[:, ready : ready + self.half]
         self.pending, self.times = self.pending[:, ready:], self.times[ready:]
         return out_times, filtered
 
+    def _medians(self, buffer: np.ndarray, ready: int, floor: np.ndarray | None) -> np.ndarray:
+        """The medians of the first ``ready`` windows of ``buffer`` (those reaching ``floor``, -inf the others)."""
+        size = 2 * self.half + 1
+        windows = np.lib.stride_tricks.sliding_window_view(buffer, size, axis=1)
+        out = np.full((len(buffer), ready), -np.inf, dtype=np.float32)
+        if floor is not None:  # a median reaches the floor where more than half its window's frames do
+            counts = np.zeros((len(buffer), buffer.shape[1] + 1), dtype=np.int32)
+            np.cumsum(buffer >= floor[:, None], axis=1, out=counts[:, 1:])
+            reach = counts[:, size : size + ready] - counts[:, :ready] > self.half
+        block = max(1, _MEDIAN_VALUES // (len(buffer) * size))  # frames at a time
+        for begin in range(0, ready, block):
+            part, into = windows[:, begin : begin + block], out[:, begin : begin + block]
+            if floor is None:
+                into[:] = np.median(part, axis=-1)
+            elif (mask := reach[:, begin : begin + block]).any():
+                into[mask] = np.median(part[mask], axis=-1)
+        return out
+
 
 @dataclass
 class _Run:
-    """Frames at or above the low threshold, one after another."""
+    """Frames at or above the low threshold, one after another, up to the one that reaches the
+    threshold (``confirmed``: from then on its frames go to the event)."""
 
     onset: float
     offset: float
@@ -207,6 +234,12 @@ class _Open:
     started: bool = False  # its start was reported
 
 
+def _grow(span: _Run | _Open, times: np.ndarray, row: np.ndarray, begin: int, end: int, step: float) -> None:
+    """``span`` takes in frames ``begin:end`` (of ``times``; scores ``row``)."""
+    span.offset = float(times[end - 1]) + step
+    span.score = max(span.score, float(row[begin:end].max()))
+
+
 @dataclass
 class _ClassState:
     run: _Run | None = None
@@ -217,15 +250,20 @@ class _ClassState:
 class EventTracker:
     """Events of a sound handed over as frame scores in pieces: :meth:`push` (times, scores) as they
     come, :meth:`close` at the end. Each call returns the :class:`EventUpdate` lines it makes final:
-    a start as soon as the event is sure to last ``min_duration``, an end as soon as no later frame
-    can extend it (``min_gap`` after its last frame, more while a run that might merge is open).
-    :attr:`events` gathers the events that ended."""
+    a start as soon as the event is sure to last ``min_duration`` (its score: the best frame up to
+    there), an end as soon as no later frame can extend it (``min_gap`` after its last frame, more
+    while a run that might merge is open). The lines and :attr:`events` (those that ended) are the
+    same however the frames are cut into pieces. Times are compared to a millionth of ``step``: a
+    duration or gap of whole frames equal to ``min_duration`` or ``min_gap`` counts as equal, whatever
+    the float rounding of the times."""
 
     class_names: list[str]
     rules: EventRules
     step: float
     source: str = ""
     events: list[Event] = field(default_factory=list)
+
+    PIECE = 1024  # frames tracked at a time: the memory of a long piece stays small
 
     def __post_init__(self) -> None:
         if self.step <= 0:
@@ -234,14 +272,21 @@ class EventTracker:
         self._median = _MedianFilter(self.rules.median_frames(self.step))
         self._states = [_ClassState() for _ in self.class_names]
         self._now = 0.0  # where the frames seen so far end
+        self._eps = 1e-6 * self.step
 
     def push(self, times: np.ndarray, scores: np.ndarray) -> list[EventUpdate]:
         """Frame scores (classes x frames) starting at ``times`` (seconds, ``step`` apart, after those given before)."""
-        return self._track(*self._median.push(np.asarray(times, dtype=np.float64), np.asarray(scores, np.float32)))
+        times, scores = np.asarray(times, dtype=np.float64), np.asarray(scores, np.float32)
+        updates = []
+        for begin in range(0, len(times), self.PIECE):
+            end = begin + self.PIECE
+            updates += self._track(*self._median.push(times[begin:end], scores[:, begin:end], floor=self.low))
+        return sorted(updates, key=lambda update: update.time)
 
     def close(self, seconds: float | None = None) -> list[EventUpdate]:
         """The end of the sound (``seconds`` long: offsets stop there): every event still open ends."""
-        updates = self._track(*self._median.push(np.zeros(0), np.zeros((len(self.class_names), 0)), last=True))
+        nothing = np.zeros((len(self.class_names), 0), np.float32)
+        updates = self._track(*self._median.push(np.zeros(0), nothing, last=True, floor=self.low))
         end = self._now if seconds is None else seconds
         for c, state in enumerate(self._states):
             state.run = None  # a confirmed run is in its event already; an unconfirmed one is no event
@@ -249,6 +294,14 @@ class EventTracker:
                 state.event.offset = min(state.event.offset, end)
                 self._finish(c, state, updates)
         return sorted(updates, key=lambda update: update.time)
+
+    def _far(self, gap: float) -> bool:
+        """Whether ``gap`` seconds keep two events apart: at least ``min_gap``."""
+        return gap >= self.rules.min_gap - self._eps
+
+    def _lasts(self, duration):
+        """Whether ``duration`` seconds (one or an array) keep an event: at least ``min_duration``."""
+        return duration >= self.rules.min_duration - self._eps
 
     def _track(self, times: np.ndarray, scores: np.ndarray) -> list[EventUpdate]:
         updates: list[EventUpdate] = []
@@ -269,33 +322,57 @@ class EventTracker:
                     continue
                 if state.run is None:  # a new run
                     state.run = _Run(float(times[begin]), 0.0, -np.inf, False)
-                run = state.run
-                run.offset = float(times[end - 1]) + self.step
-                run.score = max(run.score, float(scores[c, begin:end].max()))
-                run.confirmed |= bool(above_high[c, begin:end].any())
-                if run.confirmed:
-                    self._confirm(c, state, run, updates)
+                self._extend(c, state, times, scores[c], above_high[c], begin, end, updates)
                 if end < len(times):  # the run ended in this piece
                     state.run = None
             event, run = state.event, state.run
-            if event is None or self._now - event.offset < self.rules.min_gap:
-                continue
-            if run is None or run.onset - event.offset >= self.rules.min_gap:  # no run that could still merge
-                self._finish(c, state, updates)
+            if event is not None and self._far(self._now - event.offset):
+                if run is None or self._far(run.onset - event.offset):  # no run that could still merge
+                    self._finish(c, state, updates)
         return sorted(updates, key=lambda update: update.time)
 
-    def _confirm(self, c: int, state: _ClassState, run: _Run, updates: list[EventUpdate]) -> None:
-        """A run that reached the threshold: it extends the open event, or (far from it) ends it and opens its own."""
+    def _extend(self, c: int, state: _ClassState, times, row, high, begin: int, end: int, updates) -> None:
+        """Frames ``begin:end`` (all at or above low) go on with the class's run, frame-exact where it
+        matters, so that pieces change nothing: the run joins an event with the frame that reaches the
+        threshold, and the event starts with the frame that makes it last ``min_duration``."""
+        run = state.run
+        if not run.confirmed:
+            reached = np.flatnonzero(high[begin:end])
+            if not len(reached):
+                _grow(run, times, row, begin, end, self.step)
+                return
+            split = begin + int(reached[0]) + 1
+            _grow(run, times, row, begin, split, self.step)
+            run.confirmed = True
+            self._confirm(c, state, run, updates)
+            begin = split
         event = state.event
-        if event is not None and run.onset - event.offset >= self.rules.min_gap:
+        if begin < end and not event.started:
+            long_enough = self._lasts(times[begin:end] + self.step - event.onset)
+            if long_enough.any():
+                split = begin + int(np.argmax(long_enough)) + 1
+                _grow(event, times, row, begin, split, self.step)
+                self._start(c, event, updates)
+                begin = split
+        if begin < end:
+            _grow(event, times, row, begin, end, self.step)
+
+    def _confirm(self, c: int, state: _ClassState, run: _Run, updates: list[EventUpdate]) -> None:
+        """A run that reached the threshold (its frames up to there): it extends the open event, or
+        (``min_gap`` or more after it) ends it and opens its own."""
+        if state.event is not None and self._far(run.onset - state.event.offset):
             self._finish(c, state, updates)
-            event = None
-        if event is None:
-            state.event = event = _Open(run.onset, run.offset, run.score)
-        event.offset, event.score = max(event.offset, run.offset), max(event.score, run.score)
-        if not event.started and event.offset - event.onset >= self.rules.min_duration:
-            event.started = True
-            updates.append(EventUpdate(self.class_names[c], event.onset, event.score))
+        if state.event is None:
+            state.event = _Open(run.onset, run.offset, run.score)
+        else:
+            state.event.offset, state.event.score = run.offset, max(state.event.score, run.score)
+        event = state.event
+        if not event.started and self._lasts(event.offset - event.onset):
+            self._start(c, event, updates)
+
+    def _start(self, c: int, event: _Open, updates: list[EventUpdate]) -> None:
+        event.started = True
+        updates.append(EventUpdate(self.class_names[c], event.onset, event.score))
 
     def _finish(self, c: int, state: _ClassState, updates: list[EventUpdate]) -> None:
         """The open event is final: kept if it lasted ``min_duration`` (its start was reported then), else dropped."""
