@@ -70,10 +70,11 @@ class EventUpdate:
         return self.onset if self.offset is None else self.offset
 
     def as_dict(self) -> dict:
-        line = {"label": self.label, "onset": round(self.onset, 3), "score": round(self.score, 4)}
+        """The line as JSON keys (label, onset, offset for an end, score), times rounded to the millisecond."""
+        line = {"label": self.label, "onset": round(self.onset, 3)}
         if self.offset is not None:
             line["offset"] = round(self.offset, 3)
-        return line
+        return line | {"score": round(self.score, 4)}
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,8 @@ class _MedianFilter:
         right = np.repeat(self.pending[:, -1:], self.half, axis=1) if last else self.pending[:, :0]
         buffer = np.concatenate([self.left, self.pending, right], axis=1)
         ready = self.pending.shape[1] if last else max(0, self.pending.shape[1] - self.half)
+        if ready == 0:  # a piece of no frames, or too few for a window yet
+            return self.times[:0], self.pending[:, :0]
         if self.half == 0:
             filtered = self.pending[:, :ready]
         else:
