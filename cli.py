@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 import textwrap
 import warnings
 from contextlib import contextmanager
@@ -93,9 +94,9 @@ def clips_bar(description: str, rate_format: str):
         yield bar, progress
 
 
-def fail(message: str) -> None:
-    """End the command with one clear line and exit status 1."""
-    console.print(f"[bold red]error:[/] {escape(message)}")  # brackets in a message are text, not markup
+def fail(message: str, to: Console | None = None) -> None:
+    """End the command with one clear line (on ``to``, by default the console) and exit status 1."""
+    (to or console).print(f"[bold red]error:[/] {escape(message)}")  # brackets in a message are text, not markup
     raise typer.Exit(1)
 
 
@@ -110,7 +111,8 @@ def write_atomically(path: Path, text: str) -> None:
         fail(f"cannot write {path}: {error.strerror or error}")
 
 
-def _check_device(device: str) -> None:
+def _check_device(device: str, to: Console | None = None) -> None:
+    """Refuse a device torch does not know or cannot use (the message on ``to``: see :func:`fail`)."""
     import torch
 
     try:
@@ -118,11 +120,11 @@ def _check_device(device: str) -> None:
     except RuntimeError:
         device_ = None
     if device_ is None or device_.type not in ("cpu", "cuda"):
-        fail(f"unknown device {device!r}: use cpu, cuda or cuda:N")
+        fail(f"unknown device {device!r}: use cpu, cuda or cuda:N", to)
     if device_.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda asked for, but torch sees no CUDA device here")
+        fail("--device cuda asked for, but torch sees no CUDA device here", to)
     if device_.type == "cuda" and (device_.index or 0) >= torch.cuda.device_count():
-        fail(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+        fail(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)", to)
 
 
 def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -648,15 +650,18 @@ MIN_DURATION = typer.Option(0.1, "--min-duration", min=0, help="Events: shorter 
 MIN_GAP = typer.Option(0.1, "--min-gap", min=0, help="Events: events of a class closer (seconds) are merged.")
 
 
-def _event_rules(threshold: float, low: float | None, median_filter: float, min_duration: float, min_gap: float):
-    """The EventRules of the event options, checked (low at most the threshold); a bad value ends the command."""
+def _event_rules(
+    threshold: float, low: float | None, median_filter: float, min_duration: float, min_gap: float, to=None
+):
+    """The EventRules of the event options, checked (low at most the threshold); a bad value ends the command
+    (the message on ``to``: see :func:`fail`)."""
     from dclsify.pipeline.events import EventRules
 
     try:
         rules = EventRules(threshold, low, median_filter, min_duration, min_gap)
         rules.thresholds(1)
     except ValueError as error:
-        fail(str(error))
+        fail(str(error), to)
     return rules
 
 
@@ -1386,6 +1391,92 @@ def _print_events(tagger, paths, rules, kind: str, timeline: Path | None, step: 
         error_console.print(f"wrote {escape(str(picture))}")
     if len(failures) == len(paths):
         fail("no sound could be read")
+
+
+@app.command("listen")
+def listen_command(
+    checkpoint: Path = typer.Argument(..., help="A trained dclsify checkpoint (e.g. a run's best.safetensors)."),
+    source: str = typer.Argument(..., help="- for standard input (a WAV, or raw PCM with --format), or a sound file."),
+    format: str = typer.Option(
+        "wav", "--format", help="Standard input: wav (any length; the header gives the rate), or raw PCM: s16le, f32le."
+    ),
+    rate: int | None = typer.Option(None, "--rate", min=1, help="Raw PCM: its sample rate (required)."),
+    channels: int | None = typer.Option(None, "--channels", min=1, help="Raw PCM: interleaved channels (default 1)."),
+    realtime: bool = typer.Option(
+        False, "--realtime", help="A file: hand it over as it plays, so that the latencies are those of live audio."
+    ),
+    chunk: float = typer.Option(0.1, "--chunk", help="Seconds of audio read at a time."),
+    threshold: float = EVENT_THRESHOLD,
+    low: float | None = EVENT_LOW,
+    median_filter: float = MEDIAN_FILTER,
+    min_duration: float = MIN_DURATION,
+    min_gap: float = MIN_GAP,
+    step: float | None = typer.Option(None, help="Seconds between frames (default: the front-end's hop)."),
+    device: str = typer.Option("auto", help="auto (cuda where torch sees a GPU), cpu, cuda, cuda:1, ..."),
+    trust_code: bool = TRUST_CODE,
+) -> None:
+    """Tag live audio: each sound event as a JSON line on stdout when it starts ({"label", "onset", "score"})
+    and again when it ends (with "offset"), times in seconds from the stream's start; at the end, on stderr,
+    the latency from a sound's onset (offset) in the input to its start (end) line: min, median, max.
+
+    ffmpeg -i in.mp3 -f wav - | dclsify listen best.safetensors -
+    """
+    import sys
+
+    from dclsify.pipeline.live import FileStream, StreamError, listen, raw_stream, wav_stream
+    from dclsify.pipeline.predict import Tagger
+    from dclsify.surgery.checkpoint import CheckpointError
+
+    errors = Console(stderr=True, soft_wrap=True)  # stdout holds the JSON lines alone
+    stdin = source == "-"
+    if stdin and realtime:
+        fail("--realtime paces a file: standard input comes at its own pace", errors)
+    if not stdin and (format != "wav" or rate is not None or channels is not None):
+        fail("--format, --rate and --channels describe standard input: a file says what it holds", errors)
+    if format not in ("wav", "s16le", "f32le"):
+        fail(f"--format must be wav, s16le or f32le, not {format!r}", errors)
+    if format != "wav" and rate is None:
+        fail(f"raw PCM ({format}) needs its rate: --rate", errors)
+    if format == "wav" and (rate is not None or channels is not None):
+        fail("--rate and --channels are for raw PCM (--format s16le or f32le): a WAV's header gives them", errors)
+    if chunk <= 0:
+        fail(f"--chunk must be positive, got {chunk:g}", errors)
+    if step is not None and step <= 0:
+        fail(f"--step must be positive, got {step:g}", errors)
+    rules = _event_rules(threshold, low, median_filter, min_duration, min_gap, errors)
+    if device != "auto":
+        _check_device(device, errors)
+    try:
+        stream = None if stdin else FileStream(source, chunk, realtime)  # a file is checked before the model loads
+        tagger = Tagger(checkpoint, device, trust_code=trust_code)
+    except (CheckpointError, ValueError) as error:  # a StreamError too
+        fail(str(error), errors)
+
+    def print_line(line) -> None:
+        print(json.dumps(line.as_dict()), flush=True)  # at once: a reader of the pipe acts on each line
+
+    try:  # standard input is read once the model is loaded: a live source waits in the pipe meanwhile
+        if stream is None:
+            stdin_bytes = sys.stdin.buffer
+            if format == "wav":
+                stream = wav_stream(stdin_bytes, chunk)
+            else:
+                stream = raw_stream(stdin_bytes, rate, format, channels or 1, chunk)
+        report = listen(tagger, stream, stream.sample_rate, rules, step, print_line)
+    except StreamError as error:
+        fail(str(error), errors)
+    except BrokenPipeError:  # the reader of the lines went away (| head): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(1) from None
+    if getattr(stream, "dropped_bytes", 0):
+        errors.print(
+            f"[yellow]warning:[/] the stream ended inside a sample frame: its last {stream.dropped_bytes} bytes "
+            "were left out"
+        )
+    if report.interrupted:
+        errors.print("interrupted: the events still open ended there", markup=False)
+    errors.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
+    errors.print(f"{report.audio_seconds:.2f} s of audio in {report.wall_seconds:.2f} s", markup=False, highlight=False)
 
 
 @app.command("embed")

@@ -71,10 +71,11 @@ class EventUpdate:
         return self.onset if self.offset is None else self.offset
 
     def as_dict(self) -> dict:
-        line = {"label": self.label, "onset": round(self.onset, 3), "score": round(self.score, 4)}
+        """The line as JSON keys (label, onset, offset for an end, score), times rounded to the millisecond."""
+        line = {"label": self.label, "onset": round(self.onset, 3)}
         if self.offset is not None:
             line["offset"] = round(self.offset, 3)
-        return line
+        return line | {"score": round(self.score, 4)}
 
 
 @dataclass(frozen=True)

@@ -304,8 +304,9 @@ class Tagger:
         (one continuous sound is one event: reported once when it starts, once when it ends). A ring
         buffer keeps at most two clips of audio. The events are those of :meth:`events` on the same
         audio in a file (the same windows, the same rules), to float rounding. A frame is final once the
-        window holding it is full, so lines come up to a clip (plus the median filter's half, and
-        ``min_duration`` for a start, ``min_gap`` for an end) after the sound."""
+        window holding it is full, and a frame in the window's last time position once the next window is
+        (the sound's last window may take it over), so lines come up to a clip and a position (plus the
+        median filter's half, and ``min_duration`` for a start, ``min_gap`` for an end) after the sound."""
         rules, scorer = rules or EventRules(), self.frame_scorer(step)
         tracker = EventTracker(self.class_names, rules, scorer.step, "<stream>")
         resampler = StreamResampler(int(sample_rate), self.audio.sample_rate)
