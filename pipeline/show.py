@@ -123,7 +123,7 @@ def draw_timeline(
         middle.axhline(threshold[0], color="grey", linestyle="--", linewidth=0.8, label="threshold")
     middle.set_ylim(-0.02, 1.02)
     middle.set_ylabel("frame score")
-    middle.legend(loc="upper right", fontsize=8, ncols=min(len(order), 5))
+    middle.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # outside: the scores stay visible
     bottom.set_yticks(range(len(order)), [textwrap.shorten(frames.class_names[c], 28) for c in order])
     bottom.set_ylim(len(order) - 0.5, -0.5)
     bottom.set_xlim(0, seconds)
