@@ -20,6 +20,7 @@ from dclsify.pipeline.frames import FrameError, frame_outputs, head_parts
 from dclsify.pipeline.hear import hear_rate
 from dclsify.pipeline.predict import Tagger
 from dclsify.pipeline.recipe import load_recipe
+from dclsify.pipeline.sources import to_clip
 from dclsify.pipeline.train import train
 from dclsify.surgery.audio import AudioConfig
 
@@ -239,14 +240,26 @@ def test_the_frames_of_a_long_sound_each_come_from_the_position_that_covers_them
     """A sound of 2.65 clips: windows at 0, 1 and 1.65 clips (the last flush with the end); where the last
     window overlaps the one before, each time still takes a position whose span holds it."""
     tagger = Tagger(tagger_checkpoint, "cpu")
-    seconds = 2.65 * tagger.audio.seconds
-    mono = 0.1 * np.random.default_rng(0).standard_normal(round(seconds * tagger.audio.sample_rate)).astype(np.float32)
-    position_times, _ = tagger._positions(mono)
-    share = position_times[1] - position_times[0]
-    times, index = tagger._grid(position_times, seconds, tagger._step(None))
-    starts = position_times[index]
-    assert np.all(starts <= times + 1e-9) and np.all(times < starts + share - 1e-9)  # every time in its position
-    assert np.all(np.diff(position_times) > 0) and position_times[-1] + share == pytest.approx(seconds)
+    length, rate = tagger.audio.samples, tagger.audio.sample_rate
+    mono = 0.1 * np.random.default_rng(0).standard_normal(round(2.65 * length)).astype(np.float32)
+    scorer = tagger.frame_scorer()
+    pieces = [scorer.push(mono), scorer.close()]
+    times, logits = np.concatenate([p.times for p in pieces]), torch.cat([p.logits for p in pieces])
+    starts = [0, length, len(mono) - length]
+    outputs = tagger.outputs(torch.from_numpy(to_clip(mono[s : s + length], length)) for s in starts)
+    positions = outputs.frame_logits.shape[1]
+    share = tagger.audio.seconds / positions
+    assert len(times) == int(np.ceil(len(mono) / tagger.audio.hop_length - 1e-9))
+    for time, row in zip(times, logits, strict=True):
+        holders = [
+            (w, j)
+            for w, start in enumerate(starts)
+            for j in range(positions)
+            if start / rate + j * share <= time + 1e-9 < start / rate + (j + 1) * share
+        ]
+        assert any(torch.allclose(row, outputs.frame_logits[w, j], atol=1e-6) for w, j in holders), time
+        if time >= 2 * tagger.audio.seconds:  # only the last window covers the sound's end
+            assert all(w == 2 for w, _ in holders)
 
 
 def test_a_head_with_an_rms_norm_is_refused_not_taken_for_a_layer_norm():

@@ -47,7 +47,7 @@ def build(num_classes=2):
 """
 
 MEASURE = """
-import json, resource, sys
+import json, sys
 import numpy as np
 from dclsify.pipeline.events import EventRules
 from dclsify.pipeline.predict import Tagger
@@ -56,18 +56,29 @@ from dclsify.pipeline.sources import read_mono
 checkpoint, sound = sys.argv[1:]
 
 
-def resident():  # now, in MB
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+def status(field):  # in MB
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 1024
 
 
-def peak():  # so far, in MB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def resident():  # now
+    return status("VmRSS")
+
+
+def peak():  # since the last reset_peak()
+    # not getrusage's ru_maxrss: after a vfork and exec it holds the parent's peak (pytest's, gigabytes late in a run)
+    return status("VmHWM")
+
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
 
 
 tagger = Tagger(checkpoint, "cpu", hop_seconds=10.0, batch_size=8, trust_code=True)
 rules = EventRules(threshold=0.5, median_filter=0.0)
 tagger(np.zeros(8000, np.float32), 8000), tagger.events(np.zeros(8000, np.float32), 8000, rules)  # warm up
+reset_peak()
 before = resident()
 (blocked,) = list(tagger.predict_files([sound]))
 events = tagger.events(sound, rules=rules)
