@@ -33,6 +33,10 @@ console = Console()
 error_console = Console(stderr=True)  # warnings beside output that machines read (tsv, csv, json)
 
 
+ALGORITHM_HELP = (
+    "How DCLS layers convolve: auto (timed per shape), direct, channels_last, fft, toeplitz, or triton "
+    "(depthwise, CUDA; never chosen by auto)."
+)
 COMPACT = dict(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)  # 2 spaces between columns
 
 
@@ -167,6 +171,7 @@ def bench(
     repeats: int = typer.Option(3, min=1, help="Timed runs per measurement (the best is kept)."),
     reference: bool = typer.Option(True, help="Also time DCLS==0.1.1, when installed."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    algorithm: str = typer.Option("auto", help=ALGORITHM_HELP),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the results to this JSON file."),
 ) -> None:
     """Time Dcls2d forward+backward against DCLS 0.1.1 and a dense 7x7 depthwise conv."""
@@ -179,6 +184,7 @@ def bench(
     if count > kernel * kernel:
         raise typer.BadParameter(f"at most kernel^2 = {kernel * kernel}", param_hint="--count")
     _check_device(device)
+    _check_algorithm(algorithm, device)
 
     with console.status("measuring") as status:
         results = bench_op(
@@ -191,6 +197,7 @@ def bench(
             reference,
             device,
             progress=lambda shape: status.update(f"measuring {shape}"),
+            algorithm=algorithm,
         )
     table = Table(
         title=f"Dcls2d forward+backward: batch {batch}, kernel {kernel}, count {count}, {version}, {device}",
@@ -243,6 +250,7 @@ def bench_model_command(
     ),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("fp32", help="Autocast precision: fp32, bf16 or fp16 (CUDA only)."),
+    algorithm: str = typer.Option("auto", help=ALGORITHM_HELP),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the results to this JSON file."),
 ) -> None:
     """Table 1: parameters, GFLOPs and throughput (training step, baked and un-baked inference) of DCLS
@@ -250,6 +258,7 @@ def bench_model_command(
     from dclsify.pipeline.bench import DTYPES, bench_models
 
     _check_device(device)
+    _check_algorithm(algorithm, device)
     if dtype not in DTYPES:
         fail(f"unknown --dtype {dtype!r}: use {', '.join(DTYPES)}")
     if dtype == "fp16" and not device.startswith("cuda"):
@@ -267,6 +276,7 @@ def bench_model_command(
             device=device,
             dtype=dtype,
             progress=lambda what: status.update(f"measuring {what}"),
+            algorithm=algorithm,
         )
     s = result.setup
     if s["cuda"] is None:
@@ -279,7 +289,8 @@ def bench_model_command(
         )
     console.print(f"torch {s['torch']}, timm {s['timm']}, dclsify {s['dclsify']}, Python {s['python']}", markup=False)
     console.print(
-        f"batch {s['batch']} of {'x'.join(map(str, s['input_shape']))}, {s['dtype']}, 527 classes; "
+        f"batch {s['batch']} of {'x'.join(map(str, s['input_shape']))}, {s['dtype']}, 527 classes, "
+        f"DCLS algorithm {s['algorithm']}; "
         f"warm-up {s['warmup']}, {s['repeats']} repetitions of {s['steps_per_repeat']} step(s)",
         markup=False,
     )
@@ -395,6 +406,16 @@ def _rewrite_arguments(
         num_classes=num_classes or None,
         dcls=dcls,
     )
+
+
+def _check_algorithm(algorithm: str, device: str) -> None:
+    """Refuse an unknown DCLS algorithm, or the Triton kernel where it cannot run."""
+    from dclsify.surgery.conv import ALGORITHMS, triton_refusal
+
+    if algorithm not in ALGORITHMS:
+        fail(f"unknown --algorithm {algorithm!r}: use {', '.join(ALGORITHMS)}")
+    if algorithm == "triton" and (refusal := triton_refusal(device)) is not None:
+        fail(f"--algorithm triton cannot run here: {refusal}")
 
 
 def _or_fail(function, *args, **kwargs):

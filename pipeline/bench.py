@@ -21,7 +21,8 @@ import torch
 
 from ..surgery.bench import count_flops, environment
 from ..surgery.checkpoint import create_source, timm_name
-from ..surgery.dcls import bake
+from ..surgery.conv import ALGORITHMS, triton_refusal
+from ..surgery.dcls import Dcls2d, bake
 from ..surgery.diff import count_parameters
 from ..surgery.rewrite import SurgeryError, rewrite
 from . import train  # its functions looked up when called: the benchmark steps as the trainer steps
@@ -282,6 +283,7 @@ def bench_model(
     dtype: str = "fp32",
     input_size: tuple[int, int] = (128, 1001),
     progress: Callable[[str], None] | None = None,
+    algorithm: str = "auto",
 ) -> ModelResult:
     """Parameters, GFLOPs per clip and throughput of a timm model's DCLS audio rewrite and its DSC
     twin (``dcls=False``: the same stem and head, its own depthwise convs), 527 classes, on
@@ -289,7 +291,8 @@ def bench_model(
 
     Throughputs (:func:`_throughputs`): a training step (forward, BCE, backward, AdamW, clamp),
     inference with baked kernels (:func:`dclsify.bake`) and, for DCLS, inference building the
-    kernels every call, as evaluation during training does.
+    kernels every call, as evaluation during training does. The DCLS layers, baked or not, convolve
+    by ``algorithm`` (:data:`~dclsify.surgery.conv.ALGORITHMS`).
     """
     progress = progress or (lambda what: None)
     device_ = torch.device(device)
@@ -300,6 +303,9 @@ def bench_model(
     original = create_source(timm_name(name))
     dsc, dcls = rewrite(original, num_classes=527, dcls=False), rewrite(original, num_classes=527)
     del original
+    for layer in dcls.modules():
+        if isinstance(layer, Dcls2d):
+            layer.algorithm = algorithm  # baking keeps it
     progress("counting FLOPs")
     shape = (1, 1, *input_size)
     counts = {k: (count_parameters(m), count_flops(m, shape) / 1e9) for k, m in (("dsc", dsc), ("dcls", dcls))}
@@ -336,13 +342,19 @@ def bench_models(
     dtype: str = "fp32",
     input_size: tuple[int, int] = (128, 1001),
     progress: Callable[[str], None] | None = None,
+    algorithm: str = "auto",
 ) -> ModelBench:
     """The paper's Table 1 benchmark: :func:`bench_model` for each timm model (``timm:NAME`` or
     ``NAME``; default the paper's three), with the device and library versions. ``batch``,
     ``warmup``, ``repeats`` and ``steps_per_repeat`` left None take the device type's
     :data:`MODEL_BENCH_DEFAULTS`; ``dtype`` is an autocast precision of :data:`DTYPES`
-    (fp16 on CUDA only). Unknown model names are an error before anything is measured."""
+    (fp16 on CUDA only); ``algorithm`` is the DCLS layers' (:data:`~dclsify.surgery.conv.ALGORITHMS`).
+    Unknown model names are an error before anything is measured."""
     device_ = torch.device(device)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+    if algorithm == "triton" and (refusal := triton_refusal(device_)) is not None:
+        raise ValueError(f"algorithm 'triton' cannot run here: {refusal}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if dtype == "fp16" and device_.type != "cuda":
@@ -365,6 +377,7 @@ def bench_models(
         "batch": batch,
         "input_shape": [1, *input_size],
         "dtype": dtype,
+        "algorithm": algorithm,
         "warmup": warmup,
         "repeats": repeats,
         "steps_per_repeat": steps_per_repeat,
@@ -375,7 +388,9 @@ def bench_models(
         report = None if progress is None else (lambda what, label=label: progress(f"{label}: {what}"))
         try:
             results.append(
-                bench_model(name, batch, warmup, repeats, steps_per_repeat, device, dtype, input_size, report)
+                bench_model(
+                    name, batch, warmup, repeats, steps_per_repeat, device, dtype, input_size, report, algorithm
+                )
             )
         except RuntimeError as error:  # torch.OutOfMemoryError is one
             if not _out_of_memory(error):

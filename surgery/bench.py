@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from .._version import __version__
-from .conv import chosen_algorithms
+from .conv import chosen_algorithms, triton_refusal
 from .dcls import Dcls2d, LargeKernelConv2d, plain_conv2d
 from .opcount import count_ops
 
@@ -175,25 +175,39 @@ def bench_op(
     reference: bool = True,
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
+    algorithm: str = "auto",
 ) -> list[OpResult]:
     """Forward+backward time of Dcls2d (ours, the reference, a dense 7x7 depthwise conv)
-    and kernel-construction peak memory, for depthwise layers of the given (C, H, W) shapes."""
+    and kernel-construction peak memory, for depthwise layers of the given (C, H, W) shapes;
+    ours convolves by ``algorithm`` (:data:`~dclsify.surgery.conv.ALGORITHMS`)."""
     device = torch.device(device)
+    if algorithm == "triton" and (refusal := triton_refusal(device)) is not None:
+        raise ValueError(f"algorithm 'triton' cannot run here: {refusal}")
     results = []
     for channels, height, width in shapes:
         if progress:
             progress(f"{channels}ch {height}x{width}")
         torch.manual_seed(0)
         ours = Dcls2d(
-            channels, channels, count, padding=kernel // 2, dilated_kernel_size=kernel, groups=channels, version=version
+            channels,
+            channels,
+            count,
+            padding=kernel // 2,
+            dilated_kernel_size=kernel,
+            groups=channels,
+            version=version,
+            algorithm=algorithm,
         ).to(device)
         x = torch.randn(batch, channels, height, width, device=device, requires_grad=True)
         dense7 = torch.nn.Conv2d(channels, channels, 7, padding=3, groups=channels).to(device)
         ours_ms = time_ms(_forward_backward(ours, x), repeats, device)
-        algorithm = next(
-            (name for key, name in chosen_algorithms().items() if key.input_shape == x.shape and key.backward),
-            ours.algorithm,
-        )
+        if algorithm == "auto":  # what auto chose for this shape
+            chosen = next(
+                (name for key, name in chosen_algorithms().items() if key.input_shape == x.shape and key.backward),
+                algorithm,
+            )
+        else:
+            chosen = algorithm
         dense7_ms = time_ms(_forward_backward(dense7, x), repeats, device)
         ours_bytes = peak_bytes(partial(_construct_and_backward, ours.kernel))
         ref = _reference_layer(ours) if reference else None
@@ -203,7 +217,7 @@ def bench_op(
             ref_bytes = peak_bytes(partial(_construct_and_backward, partial(ref.DCK, ref.weight, ref.P, ref.SIG)))
         ops = (_kernel_count(ours, x), _kernel_count(dense7, x))
         results.append(
-            OpResult(channels, height, width, algorithm, ours_ms, ref_ms, dense7_ms, ours_bytes, ref_bytes, *ops)
+            OpResult(channels, height, width, chosen, ours_ms, ref_ms, dense7_ms, ours_bytes, ref_bytes, *ops)
         )
     return results
 

@@ -14,6 +14,11 @@ device (NOTES.md section 4). :func:`large_kernel_conv2d` computes exactly what
 ``toeplitz``
     For small maps and one input channel per group: each output channel is a
     (Ho*Wo x H*W) matrix, gathered from the kernel, times the flattened input.
+``triton``
+    For one input channel per group: a direct depthwise kernel in Triton
+    (:mod:`dclsify.surgery.triton_depthwise`), on CUDA, or on the CPU under
+    ``TRITON_INTERPRET=1``. Asked for by name only: ``auto`` does not pick it
+    before it has been measured on a GPU.
 
 Every algorithm first crops the kernel to the rows and columns that can overlap
 the input (a 23x23 kernel on an 8x7 map only ever uses 15x13 of its taps), and
@@ -44,7 +49,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ALGORITHMS = ("auto", "direct", "channels_last", "fft", "toeplitz")
+try:  # Triton comes with torch's Linux wheels only
+    from . import triton_depthwise
+except ImportError as error:
+    triton_depthwise, _TRITON_MISSING = None, f"Triton cannot be imported ({error})"
+
+ALGORITHMS = ("auto", "direct", "channels_last", "fft", "toeplitz", "triton")
+# Never chosen by ``auto``: the Triton kernel's speed has not yet been measured on a GPU
+NOT_CHOSEN_BY_AUTO = ("triton",)
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 # Largest Toeplitz matrix (elements) worth building: beyond this the gathered
@@ -291,7 +303,26 @@ def _toeplitz(x: Tensor, w: Tensor, plan: _Plan, groups: int, bias: Tensor | Non
     return y if bias is None else y + bias.to(y.dtype).view(-1, 1, 1)
 
 
-_KERNELS = {"direct": _direct, "channels_last": _channels_last, "fft": _fft, "toeplitz": _toeplitz}
+def triton_refusal(device: torch.device | str) -> str | None:
+    """Why ``algorithm="triton"`` cannot run on ``device``, or None when it can."""
+    device = torch.device(device)
+    if triton_depthwise is None:
+        return _TRITON_MISSING
+    if device.type == "cuda" or (device.type == "cpu" and triton_depthwise.INTERPRETED):
+        return None
+    return (
+        "it runs on CUDA tensors, or on the CPU when TRITON_INTERPRET=1 is set before dclsify is imported;"
+        f" not on {device.type}"
+    )
+
+
+def _triton(x: Tensor, w: Tensor, plan: _Plan, groups: int, bias: Tensor | None = None) -> Tensor:
+    top, left = plan.pad[2], plan.pad[0]
+    y = triton_depthwise.depthwise_correlation(x, w, top, left, plan.stride, plan.out_size, _output_dtype(x, w))
+    return y if bias is None else y + bias.to(y.dtype).view(-1, 1, 1)
+
+
+_KERNELS = {"direct": _direct, "channels_last": _channels_last, "fft": _fft, "toeplitz": _toeplitz, "triton": _triton}
 
 
 def _output_dtype(x: Tensor, w: Tensor) -> torch.dtype:
@@ -302,13 +333,21 @@ def _output_dtype(x: Tensor, w: Tensor) -> torch.dtype:
     return promoted
 
 
-def _applicable(x: Tensor, w: Tensor, plan: _Plan) -> list[str]:
-    names = ["direct", "channels_last", "fft"]
+def _refusal(name: str, x: Tensor, w: Tensor, plan: _Plan) -> str | None:
+    """Why algorithm ``name`` cannot compute this convolution, or None."""
     cout, cin_per_group = w.shape[:2]
-    out_pixels = plan.out_size[0] * plan.out_size[1]
-    if cin_per_group == 1 and cout * out_pixels * x.shape[-2] * x.shape[-1] <= TOEPLITZ_MAX_ELEMENTS:
-        names.append("toeplitz")
-    return names
+    if name in ("toeplitz", "triton") and cin_per_group != 1:
+        return "it needs one input channel per group"
+    matrix_elements = cout * plan.out_size[0] * plan.out_size[1] * x.shape[-2] * x.shape[-1]
+    if name == "toeplitz" and matrix_elements > TOEPLITZ_MAX_ELEMENTS:
+        return f"its matrices would hold more than {TOEPLITZ_MAX_ELEMENTS} elements"
+    if name == "triton":
+        return triton_refusal(x.device)
+    return None
+
+
+def _applicable(x: Tensor, w: Tensor, plan: _Plan) -> list[str]:
+    return [name for name in _KERNELS if _refusal(name, x, w, plan) is None]
 
 
 def _estimated_cost(name: str, x: Tensor, w: Tensor, plan: _Plan) -> float:
@@ -316,7 +355,7 @@ def _estimated_cost(name: str, x: Tensor, w: Tensor, plan: _Plan) -> float:
     batch, cin, height, width = x.shape
     cout, cin_per_group, kh, kw = w.shape
     out_pixels = plan.out_size[0] * plan.out_size[1]
-    if name in ("direct", "channels_last"):
+    if name in ("direct", "channels_last", "triton"):
         return batch * cout * cin_per_group * out_pixels * kh * kw
     if name == "fft":
         size = _fft_size(plan, (height, width), (kh, kw))
@@ -367,7 +406,8 @@ def _choose(x: Tensor, w: Tensor, plan: _Plan, groups: int) -> str:
     choice = _choices.get(key)
     if choice is not None:
         return choice
-    candidates = sorted(_applicable(x, w, plan), key=lambda n: _estimated_cost(n, x, w, plan))
+    applicable = [name for name in _applicable(x, w, plan) if name not in NOT_CHOSEN_BY_AUTO]
+    candidates = sorted(applicable, key=lambda n: _estimated_cost(n, x, w, plan))
     if torch.compiler.is_compiling():
         return candidates[0]
     if key.deterministic:  # the same choice in every process, from the shapes alone
@@ -412,11 +452,8 @@ def planned_conv2d(
         return planned_conv2d(input.unsqueeze(0), weight, bias, plan, groups, algorithm).squeeze(0)
     if algorithm == "auto":
         algorithm = _choose(input, weight, plan, groups)
-    elif algorithm not in _applicable(input, weight, plan):
-        raise ValueError(
-            f"algorithm {algorithm!r} does not apply here: it needs one input channel per "
-            f"group and at most {TOEPLITZ_MAX_ELEMENTS} matrix elements"
-        )
+    elif (refusal := _refusal(algorithm, input, weight, plan)) is not None:
+        raise ValueError(f"algorithm {algorithm!r} does not apply here: {refusal}")
     return _KERNELS[algorithm](input, weight, plan, groups, bias)
 
 

@@ -6,6 +6,10 @@ import torch
 # cuBLAS reads this once, at a process's first cuBLAS call; the tests train with train.deterministic
 # in this process after other tests have used CUDA, and torch refuses such a run without it
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+# Without a GPU, the Triton kernel (algorithm="triton") runs in Triton's interpreter, which a kernel
+# takes when it is defined: so before any test imports dclsify
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(

@@ -62,11 +62,30 @@ def test_throughput_statistics_and_ratios():
         (dict(dtype="fp64"), ValueError, "dtype must be one of fp32, bf16, fp16"),
         (dict(dtype="fp16"), ValueError, "fp16 autocast is for CUDA"),
         (dict(models=["convnext_atto", "convnxt_atto"]), SurgeryError, "did you mean convnext_atto"),
+        (dict(algorithm="fast"), ValueError, "algorithm must be one of auto, direct, channels_last, fft, toeplitz"),
     ],
 )
 def test_bench_models_checks_its_arguments_first(kwargs, error, message):
     with pytest.raises(error, match=message):
         bench_models(**kwargs)
+
+
+def test_the_dcls_layers_convolve_by_the_algorithm_asked_for(monkeypatch):
+    from dclsify.pipeline import bench
+
+    algorithms, inference_step = [], bench._inference_step
+
+    def recording(model, x, dtype):
+        algorithms.append({layer.algorithm for layer in model.modules() if hasattr(layer, "algorithm")})
+        return inference_step(model, x, dtype)
+
+    monkeypatch.setattr(bench, "_inference_step", recording)
+    monkeypatch.setattr(bench, "_throughputs", lambda timed, *args: {name: Throughput([1.0]) for name in timed})
+    bench.bench_model("convnext_atto", 1, 0, 1, input_size=(64, 160), algorithm="fft")
+    assert algorithms == [set(), {"fft"}, {"fft"}]  # DSC (no DCLS layers), baked DCLS, un-baked DCLS
+    monkeypatch.setattr(bench, "triton_refusal", lambda device: "it runs on CUDA tensors")
+    with pytest.raises(ValueError, match="algorithm 'triton' cannot run here: it runs on CUDA tensors"):
+        bench.bench_models(["convnext_atto"], algorithm="triton")
 
 
 def test_the_training_step_is_the_trainers(monkeypatch):
@@ -129,6 +148,7 @@ def test_a_gpu_run_prints_the_gpu_its_libraries_and_memory(monkeypatch):
         "batch": 64,
         "input_shape": [1, 128, 1001],
         "dtype": "bf16",
+        "algorithm": "auto",
         "warmup": 5,
         "repeats": 10,
         "steps_per_repeat": 5,

@@ -61,11 +61,27 @@ def test_bench_user_errors_are_one_line_and_non_zero():
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--device", "meta"], "unknown device 'meta'"),
         (["--device", "cuda:7"], "--device cuda"),
+        (["--algorithm", "fast"], "unknown --algorithm 'fast': use auto, direct, channels_last, fft, toeplitz, triton"),
     ]:
         result = runner.invoke(app, ["bench", *args])
         assert result.exit_code != 0, args
         assert expected in result.output, result.output
         assert "Traceback" not in result.output
+
+
+def test_bench_times_the_algorithm_asked_for(tmp_path, monkeypatch):
+    from dclsify.surgery import conv
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--shapes", "4x6x5", "--kernel", "7", "--count", "5", "--batch", "1", "--repeats", "1"]
+    result = runner.invoke(app, [*args, "--algorithm", "toeplitz", "--json", str(out), "--no-reference"])
+    assert result.exit_code == 0, result.output
+    assert [row["algorithm"] for row in json.loads(out.read_text())] == ["toeplitz"]
+    monkeypatch.setattr(conv, "triton_refusal", lambda device: "it runs on CUDA tensors")
+    for command in ("bench", "bench-model"):
+        result = runner.invoke(app, [command, "--algorithm", "triton"])
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert result.output.strip() == "error: --algorithm triton cannot run here: it runs on CUDA tensors"
 
 
 def test_python_dash_m_and_version():
@@ -223,6 +239,7 @@ def test_bench_model_prints_table_1_and_writes_json(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     assert data["setup"]["device"] == "cpu" and data["setup"]["threads"] == torch.get_num_threads()
     assert (data["setup"]["batch"], data["setup"]["repeats"], data["setup"]["input_shape"]) == (1, 2, [1, 64, 160])
+    assert data["setup"]["algorithm"] == "auto" and "DCLS algorithm auto" in result.output
     [model] = data["models"]
     dsc, dcls, ratio = model["dsc"], model["dcls"], model["ratio"]
     assert model["model"] == "convnext_atto" and set(dsc) == {"params", "gflops", "training", "inference"}
