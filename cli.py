@@ -186,7 +186,7 @@ def bench(
     _check_device(device)
     _check_algorithm(algorithm, device)
 
-    with console.status("measuring") as status:
+    with console.status("measuring") as status, _value_errors_fail():
         results = bench_op(
             parsed,
             batch,
@@ -266,7 +266,7 @@ def bench_model_command(
     names = [name.strip() for name in models.split(",")]
     if not all(names):
         fail(f"--models {models!r} has an empty name: give timm names separated by commas")
-    with console.status("measuring") as status:
+    with console.status("measuring") as status, _value_errors_fail():
         result = _or_fail(
             bench_models,
             names,
@@ -416,6 +416,15 @@ def _check_algorithm(algorithm: str, device: str) -> None:
         fail(f"unknown --algorithm {algorithm!r}: use {', '.join(ALGORITHMS)}")
     if algorithm == "triton" and (refusal := triton_refusal(device)) is not None:
         fail(f"--algorithm triton cannot run here: {refusal}")
+
+
+@contextmanager
+def _value_errors_fail():
+    """An algorithm that does not apply to a benchmarked shape: one line, not a traceback."""
+    try:
+        yield
+    except ValueError as error:
+        fail(str(error))
 
 
 def _or_fail(function, *args, **kwargs):

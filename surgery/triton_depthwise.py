@@ -10,10 +10,12 @@ program per (channel, block of taps): no atomics, the same bits on every run.
 Accumulates in float32 (float64 for float64 tensors) whatever the inputs' dtype, and stores in the
 dtype asked for. Runs on CUDA tensors; on CPU tensors only when ``TRITON_INTERPRET=1`` was set
 before this module was imported (Triton's interpreter, which is how the tests check it without a
-GPU). :mod:`dclsify.surgery.conv` imports it when ``algorithm="triton"`` is asked for.
+GPU). :mod:`dclsify.surgery.conv` imports it where Triton can be imported.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -55,8 +57,8 @@ def _correlate(
     """y[b, o, oy, ox] = sum_ij x[b, o // MULTIPLIER, oy*sh + i - top, ox*sw + j - left] * w[o, i, j].
 
     A program computes a block of rows (b, o) x a block of output pixels, one tap at a time."""
-    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # axis 0: up to 2**31 - 1 programs (axis 1: 65535)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     r_ok, p_ok = r < rows, p < out_h * out_w
     b, o = (r // channels_out).to(tl.int64), r % channels_out
     x_maps = x_ptr + (b * (channels_out // MULTIPLIER) + o // MULTIPLIER) * in_h * in_w
@@ -102,8 +104,8 @@ def _correlate_grad_input(
 ):
     """gx[b, c, y, x] = sum over the outputs o of c and the taps ij that read (y, x) of g[b, o, oy, ox] * w[o, i, j],
     where oy*sh = y + top - i and ox*sw = x + left - j."""
-    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # axis 0: up to 2**31 - 1 programs (axis 1: 65535)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     channels_in = channels_out // MULTIPLIER
     r_ok, p_ok = r < rows, p < in_h * in_w
     b, c = (r // channels_in).to(tl.int64), r % channels_in
@@ -188,13 +190,18 @@ def _correlate_grad_weight(
 def _blocks(rows: int, pixels: int) -> tuple[int, int]:
     """(rows, pixels) per program: as many pixels as the map has, up to the block, then rows."""
     block_p = min(triton.next_power_of_2(pixels), _BLOCK, 4096)
-    return min(triton.next_power_of_2(rows), max(1, _BLOCK // block_p)), block_p
+    return min(triton.next_power_of_2(max(rows, 1)), max(1, _BLOCK // block_p)), block_p
 
 
 def _weight_blocks(taps: int, pixels: int) -> tuple[int, int]:
     """(taps, pixels) per program of the weight gradient: a row of pixels for a few taps at a time."""
     block_p = min(triton.next_power_of_2(pixels), _WEIGHT_PIXELS)
     return min(triton.next_power_of_2(taps), _WEIGHT_BLOCK // block_p), block_p
+
+
+def _on(x: Tensor):
+    """Triton launches on the current CUDA device: make it ``x``'s."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _accumulator(*tensors: Tensor):
@@ -210,9 +217,11 @@ class _DepthwiseCorrelation(torch.autograd.Function):
         multiplier = channels_out // channels_in
         y = x.new_empty(batch, channels_out, *out_size, dtype=out_dtype)
         block_r, block_p = _blocks(batch * channels_out, out_size[0] * out_size[1])
-        grid = (triton.cdiv(out_size[0] * out_size[1], block_p), triton.cdiv(batch * channels_out, block_r))
+        grid = (triton.cdiv(batch * channels_out, block_r), triton.cdiv(out_size[0] * out_size[1], block_p))
         geometry = (channels_out, in_h, in_w, *out_size, top, left, multiplier, kh, kw, *stride)
-        _correlate[grid](x, w, y, batch * channels_out, *geometry, _accumulator(x, w), block_r, block_p)
+        if y.numel():
+            with _on(x):
+                _correlate[grid](x, w, y, batch * channels_out, *geometry, _accumulator(x, w), block_r, block_p)
         ctx.save_for_backward(x, w)
         ctx.geometry = geometry
         return y
@@ -229,14 +238,19 @@ class _DepthwiseCorrelation(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.empty_like(x)
             block_r, block_p = _blocks(batch * channels_in, in_h * in_w)
-            grid = (triton.cdiv(in_h * in_w, block_p), triton.cdiv(batch * channels_in, block_r))
+            grid = (triton.cdiv(batch * channels_in, block_r), triton.cdiv(in_h * in_w, block_p))
             rows = batch * channels_in
-            _correlate_grad_input[grid](grad, w, grad_x, rows, *ctx.geometry, accumulator, block_r, block_p)
+            if grad_x.numel() and grad.numel():
+                with _on(x):
+                    _correlate_grad_input[grid](grad, w, grad_x, rows, *ctx.geometry, accumulator, block_r, block_p)
+            else:
+                grad_x.zero_()
         if ctx.needs_input_grad[1]:
             grad_w = torch.empty_like(w)
             block_t, block_p = _weight_blocks(kh * kw, grad.shape[-2] * grad.shape[-1])
             grid = (triton.cdiv(kh * kw, block_t), channels_out)
-            _correlate_grad_weight[grid](grad, x, grad_w, batch, *ctx.geometry, accumulator, block_t, block_p)
+            with _on(x):
+                _correlate_grad_weight[grid](grad, x, grad_w, batch, *ctx.geometry, accumulator, block_t, block_p)
         return grad_x, grad_w, None, None, None, None, None
 
 

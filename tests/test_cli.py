@@ -77,6 +77,12 @@ def test_bench_times_the_algorithm_asked_for(tmp_path, monkeypatch):
     result = runner.invoke(app, [*args, "--algorithm", "toeplitz", "--json", str(out), "--no-reference"])
     assert result.exit_code == 0, result.output
     assert [row["algorithm"] for row in json.loads(out.read_text())] == ["toeplitz"]
+    too_large = ["bench", "--shapes", "8x64x62", "--kernel", "7", "--count", "5", "--batch", "1", "--repeats", "1"]
+    result = runner.invoke(app, [*too_large, "--algorithm", "toeplitz", "--no-reference"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert " ".join(result.output.split()) == (
+        "error: algorithm 'toeplitz' does not apply here: its matrices would hold more than 67108864 elements"
+    )
     monkeypatch.setattr(conv, "triton_refusal", lambda device: "it runs on CUDA tensors")
     for command in ("bench", "bench-model"):
         result = runner.invoke(app, [command, "--algorithm", "triton"])

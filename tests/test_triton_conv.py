@@ -169,6 +169,15 @@ def test_a_dcls_layer_computes_the_same_through_triton(device):
         assert _relative_error(got, expected) < 1e-5
 
 
+def test_an_empty_batch_gives_empty_results(device):
+    _runs_on(device)
+    x = torch.randn(0, 3, 6, 7, device=device, requires_grad=True)
+    w = torch.randn(3, 1, 5, 5, device=device, requires_grad=True)
+    y = large_kernel_conv2d(x, w, None, 1, 2, 3, algorithm="triton")
+    y.sum().backward()
+    assert y.shape == (0, 3, 6, 7) and x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
+
+
 def test_the_same_bits_on_every_run(device):
     """No atomics: the weight gradient is summed in one fixed order."""
     _runs_on(device)
