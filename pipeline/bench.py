@@ -21,7 +21,7 @@ import torch
 
 from ..surgery.bench import count_flops, environment
 from ..surgery.checkpoint import create_source, timm_name
-from ..surgery.conv import ALGORITHMS, triton_refusal
+from ..surgery.conv import check_algorithm
 from ..surgery.dcls import Dcls2d, bake
 from ..surgery.diff import count_parameters
 from ..surgery.rewrite import SurgeryError, rewrite
@@ -351,10 +351,7 @@ def bench_models(
     (fp16 on CUDA only); ``algorithm`` is the DCLS layers' (:data:`~dclsify.surgery.conv.ALGORITHMS`).
     Unknown model names are an error before anything is measured."""
     device_ = torch.device(device)
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
-    if algorithm == "triton" and (refusal := triton_refusal(device_)) is not None:
-        raise ValueError(f"algorithm 'triton' cannot run here: {refusal}")
+    check_algorithm(algorithm, device_)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if dtype == "fp16" and device_.type != "cuda":

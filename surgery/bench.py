@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from .._version import __version__
-from .conv import chosen_algorithms, triton_refusal
+from .conv import check_algorithm, chosen_algorithms
 from .dcls import Dcls2d, LargeKernelConv2d, plain_conv2d
 from .opcount import count_ops
 
@@ -181,8 +181,7 @@ def bench_op(
     and kernel-construction peak memory, for depthwise layers of the given (C, H, W) shapes;
     ours convolves by ``algorithm`` (:data:`~dclsify.surgery.conv.ALGORITHMS`)."""
     device = torch.device(device)
-    if algorithm == "triton" and (refusal := triton_refusal(device)) is not None:
-        raise ValueError(f"algorithm 'triton' cannot run here: {refusal}")
+    check_algorithm(algorithm, device)
     results = []
     for channels, height, width in shapes:
         if progress:

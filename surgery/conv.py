@@ -316,6 +316,14 @@ def triton_refusal(device: torch.device | str) -> str | None:
     )
 
 
+def check_algorithm(algorithm: str, device: torch.device | str) -> None:
+    """Raise ValueError for an unknown algorithm, or for ``triton`` where it cannot run."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+    if algorithm == "triton" and (refusal := triton_refusal(device)) is not None:
+        raise ValueError(f"algorithm 'triton' cannot run here: {refusal}")
+
+
 def _triton(x: Tensor, w: Tensor, plan: _Plan, groups: int, bias: Tensor | None = None) -> Tensor:
     top, left = plan.pad[2], plan.pad[0]
     y = triton_depthwise.depthwise_correlation(x, w, top, left, plan.stride, plan.out_size, _output_dtype(x, w))

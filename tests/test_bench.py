@@ -14,6 +14,7 @@ from dclsify.pipeline.bench import (
     count_flops,
     count_parameters,
 )
+from dclsify.surgery import conv
 from dclsify.surgery.rewrite import SurgeryError
 
 
@@ -83,7 +84,7 @@ def test_the_dcls_layers_convolve_by_the_algorithm_asked_for(monkeypatch):
     monkeypatch.setattr(bench, "_throughputs", lambda timed, *args: {name: Throughput([1.0]) for name in timed})
     bench.bench_model("convnext_atto", 1, 0, 1, input_size=(64, 160), algorithm="fft")
     assert algorithms == [set(), {"fft"}, {"fft"}]  # DSC (no DCLS layers), baked DCLS, un-baked DCLS
-    monkeypatch.setattr(bench, "triton_refusal", lambda device: "it runs on CUDA tensors")
+    monkeypatch.setattr(conv, "triton_refusal", lambda device: "it runs on CUDA tensors")
     with pytest.raises(ValueError, match="algorithm 'triton' cannot run here: it runs on CUDA tensors"):
         bench.bench_models(["convnext_atto"], algorithm="triton")
 
